@@ -1,0 +1,89 @@
+"""Messages on NATS between the edge and the workers (msgpack)."""
+
+from __future__ import annotations
+
+import msgspec
+
+SCHEMA_VERSION = 1
+
+
+class Segment(msgspec.Struct, tag=True, kw_only=True, frozen=True):
+    """One utterance of one session: everything a worker needs to transcribe it.
+
+    Times are milliseconds on the session timeline (0 = the first sample the
+    device sent; gaps the edge filled with silence count as time).
+    """
+
+    session_id: str
+    edge_id: str
+    segment: int
+    start_ms: int
+    end_ms: int
+    sample_rate: int
+    pcm: bytes  # s16le mono at sample_rate
+    language: str = "en"
+    prompt: str = ""  # recent text of the session, as context for the model
+    tenant: str = "default"
+    final: bool = True  # False: an interim look at speech still going on
+    v: int = SCHEMA_VERSION
+
+
+class Word(msgspec.Struct, frozen=True):
+    """A recognised word with its times on the session timeline."""
+
+    word: str
+    start_ms: int
+    end_ms: int
+    probability: float = 1.0
+
+
+class Result(msgspec.Struct, tag=True, kw_only=True, frozen=True):
+    """A worker's transcript of one segment."""
+
+    session_id: str
+    segment: int
+    start_ms: int
+    end_ms: int
+    text: str
+    words: list[Word] = []
+    final: bool = True
+    engine: str = ""
+    inference_ms: float = 0.0
+    language: str = ""
+    v: int = SCHEMA_VERSION
+
+
+class ErrorResult(msgspec.Struct, tag=True, kw_only=True, frozen=True):
+    """A segment that could not be transcribed, and why."""
+
+    session_id: str
+    segment: int
+    code: str
+    message: str
+    retryable: bool = False
+    v: int = SCHEMA_VERSION
+
+
+ResultMessage = Result | ErrorResult
+
+_segment_encoder = msgspec.msgpack.Encoder()
+_segment_decoder = msgspec.msgpack.Decoder(Segment)
+_result_encoder = msgspec.msgpack.Encoder()
+_result_decoder = msgspec.msgpack.Decoder(ResultMessage)
+
+
+def encode_segment(segment: Segment) -> bytes:
+    return _segment_encoder.encode(segment)
+
+
+def decode_segment(data: bytes) -> Segment:
+    """Raise `msgspec.DecodeError` / `msgspec.ValidationError` on bad input."""
+    return _segment_decoder.decode(data)
+
+
+def encode_result(result: ResultMessage) -> bytes:
+    return _result_encoder.encode(result)
+
+
+def decode_result(data: bytes) -> ResultMessage:
+    return _result_decoder.decode(data)

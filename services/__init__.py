@@ -1,0 +1,1 @@
+"""Escapement services: the edge, the worker and the `escapement` CLI."""

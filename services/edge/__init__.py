@@ -1,0 +1,1 @@
+"""The edge: WebSocket sessions in, utterance segments out to JetStream."""

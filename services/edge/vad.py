@@ -1,0 +1,181 @@
+"""Utterance segmentation with webrtcvad: a plain class fed PCM, returning events.
+
+No I/O here. The edge feeds every byte of the session timeline in order; the
+segmenter answers with `SpeechStart` as soon as the VAD is confident someone
+is speaking and with an `Utterance` when the speech has ended (trailing
+silence of `endpoint_ms`), was cut at `max_utterance_ms`, or was flushed.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import webrtcvad
+
+SUPPORTED_RATES = (8000, 16000, 32000, 48000)
+
+
+@dataclass(frozen=True, slots=True)
+class SpeechStart:
+    t_ms: int  # onset of the first voiced frame
+
+
+@dataclass(frozen=True, slots=True)
+class Utterance:
+    start_ms: int  # includes the pre-roll
+    end_ms: int  # includes the trailing pad
+    last_voiced_ms: int  # end of the last voiced frame
+    pcm: bytes
+    cut: bool = False  # ended by max_utterance_ms, speech goes on
+
+
+@dataclass(frozen=True, slots=True)
+class Discarded:
+    """Voice activity too short to be speech (a click, a cough)."""
+
+    start_ms: int
+    end_ms: int
+
+
+Event = SpeechStart | Utterance | Discarded
+
+
+@dataclass(frozen=True, slots=True)
+class VadConfig:
+    mode: int = 3
+    frame_ms: int = 30
+    start_frames: int = 4  # window looked at to decide speech has started
+    start_voiced: int = 3  # voiced frames in that window needed to start
+    preroll_ms: int = 300
+    endpoint_ms: int = 500  # trailing silence that ends an utterance
+    trailing_pad_ms: int = 300  # of that silence, how much goes with the segment
+    min_speech_ms: int = 150
+    max_utterance_ms: int = 15000
+
+
+class Segmenter:
+    def __init__(self, sample_rate: int, config: VadConfig | None = None) -> None:
+        if sample_rate not in SUPPORTED_RATES:
+            raise ValueError(f"sample rate {sample_rate} not in {SUPPORTED_RATES}")
+        self.config = cfg = config or VadConfig()
+        self.sample_rate = sample_rate
+        self._vad = webrtcvad.Vad(cfg.mode)
+        self._frame_bytes = sample_rate * cfg.frame_ms // 1000 * 2
+        self._rest = b""
+        self._t_frames = 0  # frames consumed so far
+        self._preroll: deque[tuple[bytes, bool]] = deque(
+            maxlen=max(cfg.preroll_ms // cfg.frame_ms, cfg.start_frames)
+        )
+        self._in_speech = False
+        self._frames: list[bytes] = []  # current utterance
+        self._voiced: list[bool] = []
+        self._start_frame = 0
+        self._trailing_unvoiced = 0
+
+    @property
+    def in_speech(self) -> bool:
+        return self._in_speech
+
+    @property
+    def position_ms(self) -> int:
+        return self._t_frames * self.config.frame_ms
+
+    def _ms(self, frames: int) -> int:
+        return frames * self.config.frame_ms
+
+    def feed(self, pcm: bytes) -> list[Event]:
+        data = self._rest + pcm if self._rest else pcm
+        n = len(data) // self._frame_bytes
+        events: list[Event] = []
+        fb = self._frame_bytes
+        for i in range(n):
+            frame = data[i * fb : (i + 1) * fb]
+            voiced = self._vad.is_speech(frame, self.sample_rate)
+            self._step(frame, voiced, events)
+        self._rest = data[n * fb :]
+        return events
+
+    def _step(self, frame: bytes, voiced: bool, events: list[Event]) -> None:
+        cfg = self.config
+        self._t_frames += 1
+        if not self._in_speech:
+            self._preroll.append((frame, voiced))
+            window = list(self._preroll)[-cfg.start_frames :]
+            if sum(v for _, v in window) >= cfg.start_voiced:
+                self._in_speech = True
+                onset_index = next(i for i, (_, v) in enumerate(window) if v)
+                onset_frame = self._t_frames - len(window) + onset_index
+                events.append(SpeechStart(t_ms=self._ms(onset_frame)))
+                pre = list(self._preroll)
+                self._frames = [f for f, _ in pre]
+                self._voiced = [v for _, v in pre]
+                self._start_frame = self._t_frames - len(pre)
+                self._trailing_unvoiced = 0
+                self._preroll.clear()
+            return
+        self._frames.append(frame)
+        self._voiced.append(voiced)
+        self._trailing_unvoiced = 0 if voiced else self._trailing_unvoiced + 1
+        if self._ms(self._trailing_unvoiced) >= cfg.endpoint_ms:
+            events.append(self._end())
+        elif self._ms(len(self._frames)) >= cfg.max_utterance_ms:
+            events.append(self._cut())
+
+    def _emit(self, n_frames: int, cut: bool) -> Utterance | Discarded:
+        """Emit the first n_frames of the current utterance."""
+        cfg = self.config
+        frames, voiced = self._frames[:n_frames], self._voiced[:n_frames]
+        start = self._start_frame
+        last_voiced = max((i for i, v in enumerate(voiced) if v), default=-1)
+        if self._ms(sum(voiced)) < cfg.min_speech_ms:
+            return Discarded(start_ms=self._ms(start), end_ms=self._ms(start + n_frames))
+        return Utterance(
+            start_ms=self._ms(start),
+            end_ms=self._ms(start + n_frames),
+            last_voiced_ms=self._ms(start + last_voiced + 1),
+            pcm=b"".join(frames),
+            cut=cut,
+        )
+
+    def _end(self) -> Utterance | Discarded:
+        cfg = self.config
+        keep = len(self._frames) - self._trailing_unvoiced
+        keep += min(self._trailing_unvoiced, cfg.trailing_pad_ms // cfg.frame_ms)
+        event = self._emit(keep, cut=False)
+        self._reset_idle()
+        return event
+
+    def _cut(self) -> Utterance | Discarded:
+        """Max length reached: cut at the last unvoiced frame of the final second."""
+        cfg = self.config
+        n = len(self._frames)
+        lookback = max(1, 1000 // cfg.frame_ms)
+        cut_at = n
+        for i in range(n - 1, max(0, n - lookback) - 1, -1):
+            if not self._voiced[i]:
+                cut_at = i + 1
+                break
+        event = self._emit(cut_at, cut=True)
+        self._start_frame += cut_at
+        self._frames = self._frames[cut_at:]
+        self._voiced = self._voiced[cut_at:]
+        return event
+
+    def flush(self) -> list[Event]:
+        """Finalize: emit the utterance in progress (if any) now."""
+        if not self._in_speech:
+            return []
+        if not self._frames:
+            self._reset_idle()
+            return []
+        event = self._emit(len(self._frames), cut=False)
+        self._reset_idle()
+        return [event]
+
+    def _reset_idle(self) -> None:
+        self._in_speech = False
+        self._frames = []
+        self._voiced = []
+        self._trailing_unvoiced = 0
+        self._preroll.clear()

