@@ -72,3 +72,10 @@ def segment_msg_id(session_id: str, segment: int) -> str:
 
 def result_msg_id(session_id: str, segment: int) -> str:
     return f"{session_id}:{segment}:result"
+
+
+# NATS micro services (`nats micro ls|info|stats`)
+WORKER_SERVICE = "escapement-worker"
+EDGE_SERVICE = "escapement-edge"
+WORKER_STATUS = f"{PREFIX}.control.worker.status"
+EDGE_STATUS = f"{PREFIX}.control.edge.status"

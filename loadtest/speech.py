@@ -10,11 +10,12 @@ from __future__ import annotations
 import hashlib
 import shutil
 import subprocess
-import wave
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from services.audio import read_wav, wav_bytes, write_wav  # noqa: F401  (re-exported)
 
 SENTENCES = [
     "the quick brown fox jumps over the lazy dog",
@@ -115,26 +116,9 @@ def make_speech(
     return join([speak(s, cache_dir, sample_rate) for s in sentences], gap_s=gap_s)
 
 
-def read_wav(path: Path) -> tuple[bytes, int]:
-    """PCM and rate of a 16-bit mono WAV; `ValueError` naming what is wrong otherwise."""
-    with wave.open(str(path), "rb") as w:
-        if w.getnchannels() != 1:
-            raise ValueError(f"{path}: {w.getnchannels()} channels; need mono")
-        if w.getsampwidth() != 2:
-            raise ValueError(f"{path}: {8 * w.getsampwidth()}-bit samples; need 16-bit")
-        return w.readframes(w.getnframes()), w.getframerate()
-
-
-def write_wav(path: Path, pcm: bytes, sample_rate: int) -> None:
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(sample_rate)
-        w.writeframes(pcm)
-
-
 def rms_dbfs(pcm: bytes) -> float:
     x = np.frombuffer(pcm, dtype=np.int16).astype(np.float64)
     if x.size == 0:
         return -120.0
     return float(20 * np.log10(max(np.sqrt(np.mean(x * x)), 1e-6) / 32768))
+

@@ -9,6 +9,7 @@ No I/O; fed by the edge, tested on its own.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 
 from schemas.device import AudioChunk
@@ -30,10 +31,13 @@ class Timeline:
         self.reorder_chunks = reorder_chunks
         self.stats = TimelineStats()
         self._next: int | None = None
+        self._first = 0  # seq of the first chunk
         self._pending: dict[int, AudioChunk] = {}
         self._typical_len = 0  # bytes of a usual chunk, to size a lost one
         self._pos_bytes = 0  # bytes emitted so far
         self._origin_ms: int | None = None  # capture_ms of the first chunk
+        # seqs given up as lost (recent gaps), to tell a late chunk from a duplicate
+        self._lost: deque[range] = deque(maxlen=256)
 
     def _bytes_for_ms(self, ms: float) -> int:
         return int(ms * self.sample_rate / 1000) * 2
@@ -41,11 +45,14 @@ class Timeline:
     def push(self, chunk: AudioChunk) -> list[bytes]:
         self.stats.chunks += 1
         if self._next is None:
-            self._next = chunk.seq
+            self._next = self._first = chunk.seq
             if chunk.capture_ms is not None:
                 self._origin_ms = chunk.capture_ms
         if chunk.seq < self._next:
-            self.stats.late += 1
+            if chunk.seq < self._first or any(chunk.seq in gap for gap in self._lost):
+                self.stats.late += 1
+            else:
+                self.stats.duplicates += 1  # already delivered
             return []
         if chunk.seq in self._pending:
             self.stats.duplicates += 1
@@ -91,6 +98,8 @@ class Timeline:
             fill = missing * self._typical_len
         fill = max(0, fill)
         self.stats.lost += missing
+        if missing:
+            self._lost.append(range(self._next, first))
         self.stats.silence_ms += fill / 2 / self.sample_rate * 1000
         self._pos_bytes += fill
         self._next = first

@@ -72,6 +72,7 @@ class Segmenter:
         self._voiced: list[bool] = []
         self._start_frame = 0
         self._trailing_unvoiced = 0
+        self._continued = False  # current piece follows a cut: speech already confirmed
 
     @property
     def in_speech(self) -> bool:
@@ -119,7 +120,7 @@ class Segmenter:
         self._trailing_unvoiced = 0 if voiced else self._trailing_unvoiced + 1
         if self._ms(self._trailing_unvoiced) >= cfg.endpoint_ms:
             events.append(self._end())
-        elif self._ms(len(self._frames)) >= cfg.max_utterance_ms:
+        elif self._ms(len(self._frames) + 1) > cfg.max_utterance_ms:  # one more would overrun
             events.append(self._cut())
 
     def _emit(self, n_frames: int, cut: bool) -> Utterance | Discarded:
@@ -128,7 +129,10 @@ class Segmenter:
         frames, voiced = self._frames[:n_frames], self._voiced[:n_frames]
         start = self._start_frame
         last_voiced = max((i for i, v in enumerate(voiced) if v), default=-1)
-        if self._ms(sum(voiced)) < cfg.min_speech_ms:
+        # The piece after a cut continues speech already confirmed: however short,
+        # dropping it would clip the last word. Only a voiceless one is dropped.
+        min_ms = min(cfg.min_speech_ms, cfg.frame_ms) if self._continued else cfg.min_speech_ms
+        if self._ms(sum(voiced)) < min_ms:
             return Discarded(start_ms=self._ms(start), end_ms=self._ms(start + n_frames))
         return Utterance(
             start_ms=self._ms(start),
@@ -160,6 +164,10 @@ class Segmenter:
         self._start_frame += cut_at
         self._frames = self._frames[cut_at:]
         self._voiced = self._voiced[cut_at:]
+        # What is left is voiced (or empty, when the cut fell in a pause): the
+        # silence counted so far went out with the piece just cut.
+        self._trailing_unvoiced = 0
+        self._continued = True
         return event
 
     def flush(self) -> list[Event]:
@@ -178,4 +186,5 @@ class Segmenter:
         self._frames = []
         self._voiced = []
         self._trailing_unvoiced = 0
+        self._continued = False
         self._preroll.clear()

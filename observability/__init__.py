@@ -1,0 +1,32 @@
+"""Logging, tracing and metrics shared by the services.
+
+Nothing is configured at import. A service's `__main__` calls
+`setup_logging`, `setup_tracing` and `setup_metrics` once, and
+`shutdown_tracing` / `shutdown_metrics` on the way out. Export happens only
+when the standard `OTEL_*` variables name an OTLP endpoint.
+"""
+
+from observability.logging import setup_logging
+from observability.metrics import Metrics, get_meter, setup_metrics, shutdown_metrics
+from observability.tracing import (
+    extract_context,
+    get_tracer,
+    inject_headers,
+    setup_tracing,
+    shutdown_tracing,
+    tracer,
+)
+
+__all__ = [
+    "Metrics",
+    "extract_context",
+    "get_meter",
+    "get_tracer",
+    "inject_headers",
+    "setup_logging",
+    "setup_metrics",
+    "setup_tracing",
+    "shutdown_metrics",
+    "shutdown_tracing",
+    "tracer",
+]

@@ -1,0 +1,128 @@
+"""The `escapement` command: `up`, `transcribe`, and the operator tools."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import msgspec
+
+from schemas import device as ev
+from services.audio import SUPPORTED_RATES, read_wav
+
+log = logging.getLogger("escapement")
+
+
+def _fmt_ms(ms: float) -> str:
+    return f"{int(ms // 60000):02d}:{ms % 60000 / 1000:04.1f}"
+
+
+# --- escapement transcribe ----------------------------------------------------
+
+
+async def _transcribe(args: argparse.Namespace) -> int:
+    from services.client import Received, Refused, stream_audio
+
+    try:
+        pcm, rate = read_wav(Path(args.file))
+    except (OSError, ValueError) as exc:
+        print(f"escapement transcribe: {exc}", file=sys.stderr)
+        return 2
+    if rate not in SUPPORTED_RATES:
+        rates = ", ".join(map(str, SUPPORTED_RATES))
+        print(f"escapement transcribe: {args.file}: {rate} Hz not supported; use {rates}", file=sys.stderr)
+        return 2
+    json_out = msgspec.json.Encoder()
+
+    def on_event(r: Received) -> None:
+        if args.json:
+            print(json_out.encode(r.event).decode(), flush=True)
+        elif isinstance(r.event, ev.Final):
+            print(f"[{_fmt_ms(r.event.start_ms)} -> {_fmt_ms(r.event.end_ms)}] {r.event.text}", flush=True)
+        elif isinstance(r.event, ev.Error | ev.Overloaded):
+            print(f"! {ev.encode_event(r.event)}", file=sys.stderr, flush=True)
+
+    started = time.monotonic()
+    async with aiohttp.ClientSession() as http:
+        try:
+            run = await stream_audio(
+                http, args.url, pcm, rate, language=args.language, realtime=not args.fast,
+                token=args.token or os.environ.get("ESCAPEMENT_TOKEN"), on_event=on_event,
+            )  # fmt: skip
+        except Refused as exc:
+            print(f"escapement transcribe: {exc}", file=sys.stderr)
+            return 3
+        except (aiohttp.ClientError, OSError) as exc:
+            print(f"escapement transcribe: cannot reach {args.url}: {exc}", file=sys.stderr)
+            return 3
+    elapsed = time.monotonic() - started
+    audio_s = len(pcm) / 2 / rate
+    if not args.json:
+        print(
+            f"-- {len(run.finals)} finals, {audio_s:.1f} s of audio in {elapsed:.1f} s "
+            f"(session {run.session_id}, closed {run.close_code})"
+        )
+    return 0 if run.close_code == 1000 else 1
+
+
+# --- escapement up --------------------------------------------------------------
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    from services.embedded import UpOptions, run_up
+
+    opts = UpOptions(
+        host=args.host,
+        port=args.port,
+        data_dir=Path(args.data_dir) if args.data_dir else None,
+        workers=args.workers,
+        model=args.model,
+        nats_port=args.nats_port,
+    )
+    return run_up(opts)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="escapement", description="Real-time speech-to-text on NATS JetStream")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="run NATS, an edge and workers on this machine")
+    up.add_argument("--host", default="127.0.0.1", help="where the edge listens (default 127.0.0.1)")
+    up.add_argument("--port", type=int, default=8080, help="edge port (default 8080)")
+    up.add_argument("--data-dir", help="JetStream store and logs (default: the user data dir)")
+    up.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    up.add_argument("--model", default="tiny.en", help="tiny.en (default), base, or a CTranslate2 folder")
+    up.add_argument("--nats-port", type=int, default=-1, help="embedded nats-server port (default: random)")
+    up.set_defaults(func=_cmd_up)
+
+    tr = sub.add_parser("transcribe", help="stream a WAV file like a device and print the finals")
+    tr.add_argument("file", help="16-bit mono WAV at 8000, 16000, 32000 or 48000 Hz")
+    tr.add_argument("--url", default="http://127.0.0.1:8080", help="the edge (default http://127.0.0.1:8080)")
+    tr.add_argument("--language", default="en")
+    tr.add_argument("--token", help="API key or token (env ESCAPEMENT_TOKEN)")
+    pace = tr.add_mutually_exclusive_group()
+    pace.add_argument("--realtime", action="store_true", default=True, help="send at the speed of speech (default)")
+    pace.add_argument("--fast", action="store_true", help="send as fast as the edge takes it")
+    tr.add_argument("--json", action="store_true", help="print every server event as one JSON line")
+    tr.set_defaults(func=lambda a: asyncio.run(_transcribe(a)))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,38 @@
+"""`python -m services.edge [--host H] [--port P]`: the WebSocket edge."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from aiohttp import web
+
+from observability.logging import setup_logging
+from observability.tracing import setup_tracing, shutdown_tracing
+from services.config import SettingsError, from_env
+from services.edge.app import create_app
+from services.edge.settings import EdgeSettings
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m services.edge", description=__doc__)
+    p.add_argument("--nats-url", help="NATS server(s), comma-separated (env NATS_URL)")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    args = p.parse_args(argv)
+    try:
+        settings = from_env(EdgeSettings, nats_url=args.nats_url, host=args.host, port=args.port)
+    except SettingsError as exc:
+        print(f"escapement edge: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(settings.log_level)
+    setup_tracing("escapement-edge")
+    try:
+        web.run_app(create_app(settings), host=settings.host, port=settings.port, print=None)
+    finally:
+        shutdown_tracing()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

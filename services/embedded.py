@@ -1,0 +1,193 @@
+"""`escapement up`: the embedded default.
+
+Starts a nats-server with JetStream on loopback (unless `NATS_URL` names one),
+applies the stream definitions, runs one edge in this process and N worker
+processes, restarts a worker that dies (with back-off), and on Ctrl-C or
+SIGTERM stops everything: edge first (sessions get 1001), then workers
+(they finish or hand back in-flight segments), then nats-server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import platformdirs
+from aiohttp import web
+
+from jetstream import subjects
+from jetstream.setup import IncompatibleDefinition, apply_all
+from observability.logging import setup_logging
+from services.config import from_env
+from services.discovery import ping_services
+from services.edge.app import create_app
+from services.edge.settings import EdgeSettings
+from services.natsconn import connect
+from services.natsserver import NatsServer, NatsServerError
+
+log = logging.getLogger("escapement.up")
+
+
+@dataclass(frozen=True)
+class UpOptions:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    data_dir: Path | None = None
+    workers: int = 1
+    model: str = "tiny.en"
+    nats_port: int = -1
+    restart_backoff_s: float = 1.0
+    restart_backoff_max_s: float = 30.0
+
+
+class WorkerProcess:
+    """One supervised `python -m services.worker` process."""
+
+    def __init__(self, index: int, env: dict[str, str], opts: UpOptions) -> None:
+        self.index = index
+        self.env = env
+        self.opts = opts
+        self.proc: asyncio.subprocess.Process | None = None
+        self.restarts = 0
+
+    async def start(self) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "services.worker", env=self.env, stdin=asyncio.subprocess.DEVNULL
+        )
+        log.info("worker %d started (pid %d)", self.index, self.proc.pid)
+
+    async def supervise(self, stopping: asyncio.Event) -> None:
+        backoff = self.opts.restart_backoff_s
+        while True:
+            assert self.proc is not None
+            started = asyncio.get_running_loop().time()
+            code = await self.proc.wait()
+            if stopping.is_set():
+                return
+            log.warning("worker %d (pid %d) exited with %s; restarting in %.1fs", self.index, self.proc.pid, code, backoff)
+            lived = asyncio.get_running_loop().time() - started
+            if lived > 60:
+                backoff = self.opts.restart_backoff_s  # it ran fine for a while
+            await asyncio.sleep(backoff)
+            if stopping.is_set():
+                return
+            backoff = min(backoff * 2, self.opts.restart_backoff_max_s)
+            self.restarts += 1
+            await self.start()
+
+    async def stop(self, grace: float) -> None:
+        proc = self.proc
+        if proc is None or proc.returncode is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), timeout=grace)
+        except TimeoutError:
+            log.warning("worker %d did not stop in %.0fs; killing", self.index, grace)
+            proc.kill()
+            await proc.wait()
+
+
+async def _up(opts: UpOptions) -> int:
+    data_dir = opts.data_dir or Path(platformdirs.user_data_dir("escapement"))
+    data_dir.mkdir(parents=True, exist_ok=True)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stopping.set)
+
+    server: NatsServer | None = None
+    nats_url = os.environ.get("NATS_URL", "")
+    if not nats_url:
+        server = NatsServer(data_dir / "nats", port=opts.nats_port, host="127.0.0.1")
+        try:
+            nats_url = await asyncio.to_thread(server.start)
+        except NatsServerError as exc:
+            log.error("%s", exc)
+            return 1
+        log.info("nats-server %s (store %s)", nats_url, server.store_dir)
+    workers: list[WorkerProcess] = []
+    supervisors: set[asyncio.Task[None]] = set()
+    runner: web.AppRunner | None = None
+    nc = None
+    try:
+        nc = await connect(nats_url, "escapement-up")
+        try:
+            await apply_all(nc.jetstream())
+        except IncompatibleDefinition as exc:
+            log.error("%s", exc)
+            return 1
+
+        cores = os.cpu_count() or 1
+        env = {
+            **os.environ,
+            "NATS_URL": nats_url,
+            "ESCAPEMENT_MODEL": opts.model,
+            "ESCAPEMENT_CPU_THREADS": os.environ.get(
+                "ESCAPEMENT_CPU_THREADS", str(max(1, cores // max(1, opts.workers)))
+            ),
+        }
+        for i in range(opts.workers):
+            worker = WorkerProcess(i, env, opts)
+            await worker.start()
+            workers.append(worker)
+            task = asyncio.create_task(worker.supervise(stopping))
+            supervisors.add(task)
+            task.add_done_callback(supervisors.discard)
+
+        settings = from_env(EdgeSettings, nats_url=nats_url, host=opts.host, port=opts.port)
+        runner = web.AppRunner(create_app(settings), handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, opts.host, opts.port)
+        try:
+            await site.start()
+        except OSError as exc:
+            log.error("cannot listen on %s:%d: %s", opts.host, opts.port, exc)
+            return 1
+        shown = "127.0.0.1" if opts.host in ("0.0.0.0", "") else opts.host
+        print(f"Escapement is up: http://{shown}:{opts.port}/  (NATS {nats_url})", flush=True)
+        print(f"  transcribe a file: escapement transcribe FILE.wav --url http://{shown}:{opts.port}", flush=True)
+        print("  Ctrl-C to stop", flush=True)
+        waiter = asyncio.create_task(_announce_workers(nc, opts.workers, stopping))
+        await stopping.wait()
+        waiter.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await waiter
+        log.info("stopping")
+        return 0
+    finally:
+        stopping.set()
+        if runner is not None:
+            await runner.cleanup()
+        for task in list(supervisors):
+            task.cancel()
+        await asyncio.gather(*supervisors, return_exceptions=True)
+        await asyncio.gather(*(w.stop(grace=25) for w in workers))
+        if nc is not None:
+            await nc.close()
+        if server is not None:
+            await asyncio.to_thread(server.stop)
+        log.info("stopped")
+
+
+async def _announce_workers(nc, expected: int, stopping: asyncio.Event) -> None:  # type: ignore[no-untyped-def]
+    if expected == 0:
+        log.info("no workers: segments will wait in the queue")
+        return
+    while not stopping.is_set():
+        found = len(await ping_services(nc, subjects.WORKER_SERVICE))
+        if found >= expected:
+            log.info("%d worker(s) ready", found)
+            return
+        await asyncio.sleep(0.5)
+
+
+def run_up(opts: UpOptions) -> int:
+    setup_logging(os.environ.get("ESCAPEMENT_LOG_LEVEL", "INFO"))
+    return asyncio.run(_up(opts))

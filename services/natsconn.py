@@ -1,0 +1,38 @@
+"""Connect to NATS the same way from every service."""
+
+from __future__ import annotations
+
+import logging
+
+import nats
+from nats.aio.client import Client as NATS
+
+from services.config import nats_servers
+
+log = logging.getLogger(__name__)
+
+
+async def connect(url: str, name: str, **options: object) -> NATS:
+    """Connect with endless reconnects; errors inside callbacks are logged, not lost."""
+
+    async def error_cb(exc: Exception) -> None:
+        log.warning("nats (%s): %s: %s", name, type(exc).__name__, exc)
+
+    async def disconnected_cb() -> None:
+        log.warning("nats (%s): disconnected", name)
+
+    async def reconnected_cb() -> None:
+        log.info("nats (%s): reconnected to %s", name, nc.connected_url.netloc if nc.connected_url else "?")
+
+    nc = await nats.connect(
+        servers=nats_servers(url),
+        name=name,
+        error_cb=error_cb,
+        disconnected_cb=disconnected_cb,
+        reconnected_cb=reconnected_cb,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.5,
+        connect_timeout=5,
+        **options,  # type: ignore[arg-type]
+    )
+    return nc

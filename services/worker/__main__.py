@@ -1,0 +1,108 @@
+"""`python -m services.worker [--model tiny.en|base|PATH] [--concurrency N]`"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+
+from nats.micro import add_service
+from nats.micro.request import Request
+
+from jetstream import subjects
+from observability.logging import setup_logging
+from observability.tracing import setup_tracing, shutdown_tracing
+from services.config import SettingsError, from_env
+from services.natsconn import connect
+from services.worker.engines import WhisperEngine
+from services.worker.models import ModelNotFound, resolve_model
+from services.worker.service import Worker
+from services.worker.settings import WorkerSettings
+
+log = logging.getLogger("services.worker")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m services.worker", description=__doc__)
+    p.add_argument("--nats-url", help="NATS server(s), comma-separated (env NATS_URL)")
+    p.add_argument("--model", help="tiny.en (default), base, or a CTranslate2 Whisper folder")
+    p.add_argument("--concurrency", type=int, help="segments transcribed at once")
+    p.add_argument("--cpu-threads", type=int, help="CTranslate2 threads per job")
+    return p.parse_args(argv)
+
+
+async def serve(settings: WorkerSettings) -> int:
+    try:
+        model_path = resolve_model(settings.model)
+    except ModelNotFound as exc:
+        log.error("%s", exc)
+        return 2
+
+    def factory() -> WhisperEngine:
+        return WhisperEngine(
+            model_path,
+            device=settings.device,
+            compute_type=settings.compute_type,
+            cpu_threads=settings.cpu_threads,
+            beam_size=settings.beam_size,
+        )
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    nc = await connect(settings.nats_url, "escapement-worker")
+    worker = Worker(nc, factory, settings)
+    await worker.load()
+
+    async def status(req: Request) -> None:
+        await req.respond(json.dumps(worker.status()).encode())
+
+    service = await add_service(
+        nc,
+        name=subjects.WORKER_SERVICE,
+        version="0.1.0",
+        description="Escapement transcription worker",
+        metadata={"engine": worker.engine.name if worker.engine else ""},
+    )
+    await service.add_endpoint(name="status", subject=subjects.WORKER_STATUS, handler=status)
+    try:
+        await worker.run(stop)
+    finally:
+        await service.stop()
+        await worker.close()
+        try:
+            await asyncio.wait_for(nc.drain(), timeout=5)
+        except TimeoutError:
+            await nc.close()
+        log.info("worker stopped: %s", worker.stats)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        settings = from_env(
+            WorkerSettings,
+            nats_url=args.nats_url,
+            model=args.model,
+            concurrency=args.concurrency,
+            cpu_threads=args.cpu_threads,
+        )
+    except SettingsError as exc:
+        print(f"escapement worker: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(settings.log_level)
+    setup_tracing("escapement-worker")
+    try:
+        return asyncio.run(serve(settings))
+    finally:
+        shutdown_tracing()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,19 @@
+from __future__ import annotations
+
+import msgspec
+
+
+class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True):
+    nats_url: str = "nats://127.0.0.1:4222"
+    model: str = "tiny.en"
+    device: str = "cpu"
+    compute_type: str = "int8"
+    cpu_threads: int = 0  # 0: let CTranslate2 decide
+    beam_size: int = 5
+    concurrency: int = 1  # segments transcribed at once (executor threads)
+    fetch_timeout_s: float = 2.0
+    in_progress_every_s: float = 3.0  # well under the consumer's ack_wait (10 s)
+    nak_delay_s: float = 1.0  # times the delivery count
+    max_deliver: int = 5  # the consumer's max_deliver: the last attempt is termed
+    shutdown_grace_s: float = 20.0
+    log_level: str = "INFO"
