@@ -11,6 +11,10 @@ import msgspec
 
 from schemas.pipeline import SCHEMA_VERSION, Word
 
+# A refused upgrade (HTTP 4xx/503) names its reason here as well as in the JSON
+# body, for clients (browsers, WebSocket libraries) that cannot read the body.
+REASON_HEADER = "X-Escapement-Reason"
+
 # --- client -> server -------------------------------------------------------
 
 

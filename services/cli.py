@@ -112,10 +112,25 @@ def build_parser() -> argparse.ArgumentParser:
     pace.add_argument("--fast", action="store_true", help="send as fast as the edge takes it")
     tr.add_argument("--json", action="store_true", help="print every server event as one JSON line")
     tr.set_defaults(func=lambda a: asyncio.run(_transcribe(a)))
+    for name, (_, summary) in DELEGATED.items():
+        sub.add_parser(name, help=f"{summary} (escapement {name} --help)", add_help=False)
     return p
 
 
+# Subcommands that live in their own modules, each with `main(argv) -> int`.
+DELEGATED = {
+    "loadtest": ("loadtest.cli", "drive load at a running Escapement and report"),
+    "dlq": ("services.dlq", "list and replay dead-lettered segments"),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in DELEGATED:
+        import importlib
+
+        module = importlib.import_module(DELEGATED[argv[0]][0])
+        return int(module.main(argv[1:]) or 0)
     args = build_parser().parse_args(argv)
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     try:

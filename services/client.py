@@ -17,8 +17,6 @@ import aiohttp
 
 from schemas import device as ev
 
-REASON_HEADER = "X-Escapement-Reason"
-
 
 class Refused(Exception):
     """The edge refused the upgrade (HTTP status, reason, Retry-After)."""
@@ -107,7 +105,7 @@ async def stream_audio(
     except aiohttp.WSServerHandshakeError as exc:
         headers = exc.headers or {}
         retry = headers.get("Retry-After")
-        raise Refused(exc.status, headers.get(REASON_HEADER, exc.message), float(retry) if retry else None) from None
+        raise Refused(exc.status, headers.get(ev.REASON_HEADER, exc.message), float(retry) if retry else None) from None
     run.connected_at = time.monotonic() - started
     first = asyncio.get_running_loop().create_future()
 

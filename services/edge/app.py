@@ -6,7 +6,9 @@ import asyncio
 import json
 import logging
 import secrets
+from collections import Counter
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from aiohttp import web
@@ -16,6 +18,7 @@ from nats.micro.request import Request
 
 from jetstream import subjects
 from jetstream.setup import streams_exist
+from schemas.device import REASON_HEADER
 from services.edge.params import BadRequest, parse_stream_params
 from services.edge.router import ResultRouter
 from services.edge.session import Session
@@ -33,7 +36,41 @@ edge_id_key = web.AppKey("edge_id", str)
 sessions_key = web.AppKey("sessions", set)
 
 
-def json_error(status: int, reason: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
+@dataclass
+class EdgeStats:
+    """What this edge saw, for `/v1/stats` and the load generator to compare against."""
+
+    admitted: int = 0
+    refused: Counter[str] = field(default_factory=Counter)
+    closed: Counter[int] = field(default_factory=Counter)  # by close code
+    segments: int = 0
+    finals: int = 0
+    errors: int = 0
+
+    def as_dict(self, active: int) -> dict[str, object]:
+        return {
+            "sessions": {
+                "admitted": self.admitted,
+                "active": active,
+                "refused": dict(self.refused),
+                "closed": {str(k): v for k, v in self.closed.items()},
+            },
+            "segments": self.segments,
+            "finals": self.finals,
+            "errors": self.errors,
+        }
+
+
+stats_key = web.AppKey("stats", EdgeStats)
+
+
+
+
+def refuse(request: web.Request, status: int, reason: str, message: str, retry_after: float | None = None) -> web.Response:
+    request.app[stats_key].refused[reason] += 1
+    headers = {REASON_HEADER: reason}
+    if retry_after is not None:
+        headers["Retry-After"] = str(max(1, round(retry_after)))
     return web.json_response({"reason": reason, "message": message}, status=status, headers=headers)
 
 
@@ -42,10 +79,10 @@ async def stream_handler(request: web.Request) -> web.StreamResponse:
     try:
         params = parse_stream_params(request.query, settings.default_language)
     except BadRequest as exc:
-        return json_error(400, exc.reason, exc.message)
+        return refuse(request, 400, exc.reason, exc.message)
     nc = request.app[nats_key]
     if not nc.is_connected:
-        return json_error(503, "nats_unavailable", "the queue is unreachable", {"Retry-After": "2"})
+        return refuse(request, 503, "nats_unavailable", "the queue is unreachable", retry_after=2)
     ws = web.WebSocketResponse(
         max_msg_size=settings.max_frame_bytes,
         heartbeat=settings.heartbeat_s,
@@ -62,6 +99,8 @@ async def stream_handler(request: web.Request) -> web.StreamResponse:
         resume_token=secrets.token_urlsafe(24),
         tenant="default",
     )
+    stats = request.app[stats_key]
+    stats.admitted += 1
     router = request.app[router_key]
     router.register(session)
     request.app[sessions_key].add(session)
@@ -71,8 +110,18 @@ async def stream_handler(request: web.Request) -> web.StreamResponse:
     finally:
         router.unregister(session)
         request.app[sessions_key].discard(session)
+        stats.closed[ws.close_code or 1006] += 1
+        stats.segments += session.counters.segments
+        stats.finals += session.counters.finals
+        stats.errors += session.counters.errors
         log.info("session %s closed: %s", session.id, session.counters)
     return ws
+
+
+async def stats_handler(request: web.Request) -> web.Response:
+    body = request.app[stats_key].as_dict(active=len(request.app[sessions_key]))
+    body["edge_id"] = request.app[edge_id_key]
+    return web.json_response(body)
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -82,13 +131,13 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     nc = request.app[nats_key]
     if not nc.is_connected:
-        return json_error(503, "nats_unavailable", "not connected to NATS")
+        return web.json_response({"reason": "nats_unavailable", "message": "not connected to NATS"}, status=503)
     try:
         ok = await asyncio.wait_for(streams_exist(nc.jetstream()), timeout=2)
     except Exception as exc:  # noqa: BLE001 - any failure means not ready
-        return json_error(503, "jetstream_unavailable", f"JetStream not answering: {exc!r}")
+        return web.json_response({"reason": "jetstream_unavailable", "message": f"JetStream not answering: {exc!r}"}, status=503)
     if not ok:
-        return json_error(503, "streams_missing", "streams not created yet")
+        return web.json_response({"reason": "streams_missing", "message": "streams not created yet"}, status=503)
     return web.json_response({"status": "ready", "edge_id": request.app[edge_id_key]})
 
 
@@ -139,9 +188,11 @@ def create_app(settings: EdgeSettings, nc: NATS | None = None) -> web.Applicatio
     app[settings_key] = settings
     app[edge_id_key] = subjects.check_token(settings.edge_id or f"edge-{secrets.token_hex(4)}")
     app[sessions_key] = set()
+    app[stats_key] = EdgeStats()
     app.cleanup_ctx.append(_nats_ctx(settings, nc))
     app.on_shutdown.append(_close_sessions)
     app.router.add_get("/v1/stream", stream_handler)
+    app.router.add_get("/v1/stats", stats_handler)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/", index)
