@@ -93,7 +93,9 @@ async def apply_stream(
         ) from exc
 
 
-async def apply_consumer(js: JetStreamContext, definition: ConsumerDefinition) -> js_api.ConsumerInfo:
+async def apply_consumer(
+    js: JetStreamContext, definition: ConsumerDefinition
+) -> js_api.ConsumerInfo:
     raw = copy.deepcopy(definition.config)
     config = js_api.ConsumerConfig.from_response(raw)
     name = config.durable_name or config.name or ""

@@ -37,7 +37,10 @@ async def _transcribe(args: argparse.Namespace) -> int:
         return 2
     if rate not in SUPPORTED_RATES:
         rates = ", ".join(map(str, SUPPORTED_RATES))
-        print(f"escapement transcribe: {args.file}: {rate} Hz not supported; use {rates}", file=sys.stderr)
+        print(
+            f"escapement transcribe: {args.file}: {rate} Hz not supported; use {rates}",
+            file=sys.stderr,
+        )
         return 2
     json_out = msgspec.json.Encoder()
 
@@ -45,7 +48,10 @@ async def _transcribe(args: argparse.Namespace) -> int:
         if args.json:
             print(json_out.encode(r.event).decode(), flush=True)
         elif isinstance(r.event, ev.Final):
-            print(f"[{_fmt_ms(r.event.start_ms)} -> {_fmt_ms(r.event.end_ms)}] {r.event.text}", flush=True)
+            print(
+                f"[{_fmt_ms(r.event.start_ms)} -> {_fmt_ms(r.event.end_ms)}] {r.event.text}",
+                flush=True,
+            )
         elif isinstance(r.event, ev.Error | ev.Overloaded):
             print(f"! {ev.encode_event(r.event)}", file=sys.stderr, flush=True)
 
@@ -90,25 +96,40 @@ def _cmd_up(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="escapement", description="Real-time speech-to-text on NATS JetStream")
+    p = argparse.ArgumentParser(
+        prog="escapement", description="Real-time speech-to-text on NATS JetStream"
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     up = sub.add_parser("up", help="run NATS, an edge and workers on this machine")
-    up.add_argument("--host", default="127.0.0.1", help="where the edge listens (default 127.0.0.1)")
+    up.add_argument(
+        "--host", default="127.0.0.1", help="where the edge listens (default 127.0.0.1)"
+    )
     up.add_argument("--port", type=int, default=8080, help="edge port (default 8080)")
     up.add_argument("--data-dir", help="JetStream store and logs (default: the user data dir)")
     up.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
-    up.add_argument("--model", default="tiny.en", help="tiny.en (default), base, or a CTranslate2 folder")
-    up.add_argument("--nats-port", type=int, default=-1, help="embedded nats-server port (default: random)")
+    up.add_argument(
+        "--model", default="tiny.en", help="tiny.en (default), base, or a CTranslate2 folder"
+    )
+    up.add_argument(
+        "--nats-port", type=int, default=-1, help="embedded nats-server port (default: random)"
+    )
     up.set_defaults(func=_cmd_up)
 
     tr = sub.add_parser("transcribe", help="stream a WAV file like a device and print the finals")
     tr.add_argument("file", help="16-bit mono WAV at 8000, 16000, 32000 or 48000 Hz")
-    tr.add_argument("--url", default="http://127.0.0.1:8080", help="the edge (default http://127.0.0.1:8080)")
+    tr.add_argument(
+        "--url", default="http://127.0.0.1:8080", help="the edge (default http://127.0.0.1:8080)"
+    )
     tr.add_argument("--language", default="en")
     tr.add_argument("--token", help="API key or token (env ESCAPEMENT_TOKEN)")
     pace = tr.add_mutually_exclusive_group()
-    pace.add_argument("--realtime", action="store_true", default=True, help="send at the speed of speech (default)")
+    pace.add_argument(
+        "--realtime",
+        action="store_true",
+        default=True,
+        help="send at the speed of speech (default)",
+    )
     pace.add_argument("--fast", action="store_true", help="send as fast as the edge takes it")
     tr.add_argument("--json", action="store_true", help="print every server event as one JSON line")
     tr.set_defaults(func=lambda a: asyncio.run(_transcribe(a)))

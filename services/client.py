@@ -64,7 +64,13 @@ class StreamRun:
         return None
 
 
-def stream_url(base: str, sample_rate: int, language: str = "en", framing: str = "raw", token: str | None = None) -> str:
+def stream_url(
+    base: str,
+    sample_rate: int,
+    language: str = "en",
+    framing: str = "raw",
+    token: str | None = None,
+) -> str:
     """`http://host:port` or `ws://host:port[/v1/stream]` -> the full stream URL."""
     parts = urlsplit(base if "://" in base else f"http://{base}")
     scheme = {"http": "ws", "https": "wss"}.get(parts.scheme, parts.scheme)
@@ -105,7 +111,9 @@ async def stream_audio(
     except aiohttp.WSServerHandshakeError as exc:
         headers = exc.headers or {}
         retry = headers.get("Retry-After")
-        raise Refused(exc.status, headers.get(ev.REASON_HEADER, exc.message), float(retry) if retry else None) from None
+        raise Refused(
+            exc.status, headers.get(ev.REASON_HEADER, exc.message), float(retry) if retry else None
+        ) from None
     run.connected_at = time.monotonic() - started
     first = asyncio.get_running_loop().create_future()
 

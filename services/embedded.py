@@ -70,7 +70,13 @@ class WorkerProcess:
             code = await self.proc.wait()
             if stopping.is_set():
                 return
-            log.warning("worker %d (pid %d) exited with %s; restarting in %.1fs", self.index, self.proc.pid, code, backoff)
+            log.warning(
+                "worker %d (pid %d) exited with %s; restarting in %.1fs",
+                self.index,
+                self.proc.pid,
+                code,
+                backoff,
+            )
             lived = asyncio.get_running_loop().time() - started
             if lived > 60:
                 backoff = self.opts.restart_backoff_s  # it ran fine for a while
@@ -152,7 +158,10 @@ async def _up(opts: UpOptions) -> int:
             return 1
         shown = "127.0.0.1" if opts.host in ("0.0.0.0", "") else opts.host
         print(f"Escapement is up: http://{shown}:{opts.port}/  (NATS {nats_url})", flush=True)
-        print(f"  transcribe a file: escapement transcribe FILE.wav --url http://{shown}:{opts.port}", flush=True)
+        print(
+            f"  transcribe a file: escapement transcribe FILE.wav --url http://{shown}:{opts.port}",
+            flush=True,
+        )
         print("  Ctrl-C to stop", flush=True)
         waiter = asyncio.create_task(_announce_workers(nc, opts.workers, stopping))
         await stopping.wait()

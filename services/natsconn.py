@@ -22,7 +22,11 @@ async def connect(url: str, name: str, **options: object) -> NATS:
         log.warning("nats (%s): disconnected", name)
 
     async def reconnected_cb() -> None:
-        log.info("nats (%s): reconnected to %s", name, nc.connected_url.netloc if nc.connected_url else "?")
+        log.info(
+            "nats (%s): reconnected to %s",
+            name,
+            nc.connected_url.netloc if nc.connected_url else "?",
+        )
 
     nc = await nats.connect(
         servers=nats_servers(url),

@@ -104,7 +104,9 @@ async def edge(nc: NATS, nats_server: NatsServer) -> AsyncIterator[RunningEdge]:
 
 
 @contextlib.asynccontextmanager
-async def run_worker(nats_url: str, engine: WhisperEngine, **overrides: object) -> AsyncIterator[Worker]:
+async def run_worker(
+    nats_url: str, engine: WhisperEngine, **overrides: object
+) -> AsyncIterator[Worker]:
     conn = await nats.connect(nats_url)
     worker = Worker(conn, lambda: engine, WorkerSettings(nats_url=nats_url, **overrides))  # type: ignore[arg-type]
     stop = asyncio.Event()
@@ -144,5 +146,10 @@ _normalise = jiwer.Compose(
 
 def wer(reference: str, hypothesis: str) -> float:
     return float(
-        jiwer.wer(reference, hypothesis or "<empty>", reference_transform=_normalise, hypothesis_transform=_normalise)
+        jiwer.wer(
+            reference,
+            hypothesis or "<empty>",
+            reference_transform=_normalise,
+            hypothesis_transform=_normalise,
+        )
     )

@@ -40,7 +40,9 @@ def check_words(run: StreamRun, audio_ms: float) -> None:
             last = w.start_ms
 
 
-async def test_realtime_speech_is_transcribed(edge: RunningEdge, worker, http, make_test_speech) -> None:  # type: ignore[no-untyped-def]
+async def test_realtime_speech_is_transcribed(
+    edge: RunningEdge, worker, http, make_test_speech
+) -> None:  # type: ignore[no-untyped-def]
     speech = make_test_speech(SENTENCES_A)
     run = await stream_audio(http, edge.url, speech.pcm, speech.sample_rate, realtime=True)
 
@@ -49,7 +51,9 @@ async def test_realtime_speech_is_transcribed(edge: RunningEdge, worker, http, m
     check_words(run, speech.duration_s * 1000)
     # one final per sentence, each placed over its sentence on the session timeline
     assert len(run.finals) == len(SENTENCES_A), [f.text for f in run.finals]
-    for final, (start_s, end_s) in zip(sorted(run.finals, key=lambda f: f.segment), speech.spans, strict=True):
+    for final, (start_s, end_s) in zip(
+        sorted(run.finals, key=lambda f: f.segment), speech.spans, strict=True
+    ):
         assert final.start_ms <= start_s * 1000 + 100 and final.end_ms >= end_s * 1000 - 100
     # the barge-in signal precedes each final, and each final came once
     kinds = [type(r.event).__name__ for r in run.events]
@@ -59,7 +63,9 @@ async def test_realtime_speech_is_transcribed(edge: RunningEdge, worker, http, m
     assert len({f.segment for f in run.finals}) == len(run.finals)
 
 
-async def test_concurrent_sessions_get_only_their_own_finals(edge: RunningEdge, worker, http, make_test_speech) -> None:  # type: ignore[no-untyped-def]
+async def test_concurrent_sessions_get_only_their_own_finals(
+    edge: RunningEdge, worker, http, make_test_speech
+) -> None:  # type: ignore[no-untyped-def]
     a, b = make_test_speech(SENTENCES_A[:2]), make_test_speech(SENTENCES_B)
     run_a, run_b = await asyncio.gather(
         stream_audio(http, edge.url, a.pcm, a.sample_rate, realtime=True),
@@ -79,7 +85,9 @@ async def test_segments_wait_in_the_queue_until_a_worker_starts(
     speech = make_test_speech(SENTENCES_B)
     js = nc.jetstream()
     streaming = asyncio.create_task(
-        stream_audio(http, edge.url, speech.pcm, speech.sample_rate, realtime=False, close_timeout=120)
+        stream_audio(
+            http, edge.url, speech.pcm, speech.sample_rate, realtime=False, close_timeout=120
+        )
     )
     # no worker: the segments are held by the work-queue stream
     for _ in range(100):
@@ -99,12 +107,16 @@ async def test_segments_wait_in_the_queue_until_a_worker_starts(
     assert info.state.messages == 0, "work queue should be empty after every segment is acked"
     consumer = await js.consumer_info(subjects.STREAM_SEGMENTS, subjects.CONSUMER_WORKERS)
     assert consumer.num_pending == 0 and consumer.num_ack_pending == 0
-    stored = await js.stream_info(subjects.STREAM_TRANSCRIPTS, subjects_filter=subjects.results_for_session(run.session_id))
+    stored = await js.stream_info(
+        subjects.STREAM_TRANSCRIPTS, subjects_filter=subjects.results_for_session(run.session_id)
+    )
     assert stored.state.messages == len(SENTENCES_B), "finals are kept for resume"
 
 
 @pytest.mark.parametrize("rate", [8000, 48000])
-async def test_other_sample_rates(edge: RunningEdge, worker, http, make_test_speech, rate: int) -> None:  # type: ignore[no-untyped-def]
+async def test_other_sample_rates(
+    edge: RunningEdge, worker, http, make_test_speech, rate: int
+) -> None:  # type: ignore[no-untyped-def]
     speech = make_test_speech(SENTENCES_A[:1], sample_rate=rate)
     run = await stream_audio(http, edge.url, speech.pcm, rate, realtime=False)
     assert run.close_code == 1000
@@ -112,7 +124,9 @@ async def test_other_sample_rates(edge: RunningEdge, worker, http, make_test_spe
     check_words(run, speech.duration_s * 1000)
 
 
-async def test_finalize_cuts_the_utterance_now(edge: RunningEdge, worker, http, make_test_speech) -> None:  # type: ignore[no-untyped-def]
+async def test_finalize_cuts_the_utterance_now(
+    edge: RunningEdge, worker, http, make_test_speech
+) -> None:  # type: ignore[no-untyped-def]
     """A device that knows the user stopped (push-to-talk) need not wait for the endpoint."""
     speech = make_test_speech(SENTENCES_A[:1])
     _, end_s = speech.spans[0]

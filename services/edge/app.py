@@ -64,9 +64,9 @@ class EdgeStats:
 stats_key = web.AppKey("stats", EdgeStats)
 
 
-
-
-def refuse(request: web.Request, status: int, reason: str, message: str, retry_after: float | None = None) -> web.Response:
+def refuse(
+    request: web.Request, status: int, reason: str, message: str, retry_after: float | None = None
+) -> web.Response:
     request.app[stats_key].refused[reason] += 1
     headers = {REASON_HEADER: reason}
     if retry_after is not None:
@@ -104,7 +104,13 @@ async def stream_handler(request: web.Request) -> web.StreamResponse:
     router = request.app[router_key]
     router.register(session)
     request.app[sessions_key].add(session)
-    log.info("session %s opened (rate %d, %s, %s)", session.id, params.sample_rate, params.language, params.framing)
+    log.info(
+        "session %s opened (rate %d, %s, %s)",
+        session.id,
+        params.sample_rate,
+        params.language,
+        params.framing,
+    )
     try:
         await session.run()
     finally:
@@ -131,13 +137,20 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     nc = request.app[nats_key]
     if not nc.is_connected:
-        return web.json_response({"reason": "nats_unavailable", "message": "not connected to NATS"}, status=503)
+        return web.json_response(
+            {"reason": "nats_unavailable", "message": "not connected to NATS"}, status=503
+        )
     try:
         ok = await asyncio.wait_for(streams_exist(nc.jetstream()), timeout=2)
     except Exception as exc:  # noqa: BLE001 - any failure means not ready
-        return web.json_response({"reason": "jetstream_unavailable", "message": f"JetStream not answering: {exc!r}"}, status=503)
+        return web.json_response(
+            {"reason": "jetstream_unavailable", "message": f"JetStream not answering: {exc!r}"},
+            status=503,
+        )
     if not ok:
-        return web.json_response({"reason": "streams_missing", "message": "streams not created yet"}, status=503)
+        return web.json_response(
+            {"reason": "streams_missing", "message": "streams not created yet"}, status=503
+        )
     return web.json_response({"status": "ready", "edge_id": request.app[edge_id_key]})
 
 
@@ -151,21 +164,34 @@ async def index(request: web.Request) -> web.StreamResponse:
 def _nats_ctx(settings: EdgeSettings, nc: NATS | None):  # type: ignore[no-untyped-def]
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         own = nc is None
-        conn = nc if nc is not None else await connect(settings.nats_url, f"escapement-edge-{app[edge_id_key]}")
+        conn = (
+            nc
+            if nc is not None
+            else await connect(settings.nats_url, f"escapement-edge-{app[edge_id_key]}")
+        )
         app[nats_key] = conn
         router = ResultRouter(conn, app[edge_id_key])
         await router.start()
         app[router_key] = router
 
         async def status(req: Request) -> None:
-            body = {"edge_id": app[edge_id_key], "sessions": len(router.sessions), "unroutable": router.unroutable}
+            body = {
+                "edge_id": app[edge_id_key],
+                "sessions": len(router.sessions),
+                "unroutable": router.unroutable,
+            }
             await req.respond(json.dumps(body).encode())
 
         service = await add_service(
-            conn, name=subjects.EDGE_SERVICE, version="0.1.0", description="Escapement WebSocket edge",
+            conn,
+            name=subjects.EDGE_SERVICE,
+            version="0.1.0",
+            description="Escapement WebSocket edge",
             metadata={"edge_id": app[edge_id_key]},
         )
-        await service.add_endpoint(name="status", subject=f"{subjects.EDGE_STATUS}.{app[edge_id_key]}", handler=status)
+        await service.add_endpoint(
+            name="status", subject=f"{subjects.EDGE_STATUS}.{app[edge_id_key]}", handler=status
+        )
         yield
         await service.stop()
         await router.stop()

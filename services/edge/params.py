@@ -35,10 +35,14 @@ def parse_stream_params(query: Mapping[str, str], default_language: str = "en") 
     try:
         rate = int(raw_rate)
     except ValueError:
-        raise BadRequest("bad_sample_rate", f"sample_rate must be an integer, got {raw_rate[:32]!r}") from None
+        raise BadRequest(
+            "bad_sample_rate", f"sample_rate must be an integer, got {raw_rate[:32]!r}"
+        ) from None
     if rate not in SUPPORTED_RATES:
         rates = ", ".join(map(str, SUPPORTED_RATES))
-        raise BadRequest("unsupported_sample_rate", f"sample_rate {rate} not supported; use one of {rates}")
+        raise BadRequest(
+            "unsupported_sample_rate", f"sample_rate {rate} not supported; use one of {rates}"
+        )
     encoding = query.get("encoding", "linear16").lower()
     if encoding not in ENCODINGS:
         raise BadRequest(
@@ -47,8 +51,12 @@ def parse_stream_params(query: Mapping[str, str], default_language: str = "en") 
         )
     language = query.get("language", default_language)
     if not _LANGUAGE.match(language):
-        raise BadRequest("bad_language", f"language {language[:32]!r} is not a language code like 'en' or 'de'")
+        raise BadRequest(
+            "bad_language", f"language {language[:32]!r} is not a language code like 'en' or 'de'"
+        )
     framing = query.get("framing", "raw")
     if framing not in FRAMINGS:
-        raise BadRequest("bad_framing", f"framing {framing[:32]!r} not supported; use raw or msgpack")
+        raise BadRequest(
+            "bad_framing", f"framing {framing[:32]!r} not supported; use raw or msgpack"
+        )
     return StreamParams(sample_rate=rate, encoding=encoding, language=language, framing=framing)

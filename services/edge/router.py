@@ -25,7 +25,9 @@ class ResultRouter:
         self.unroutable = 0
 
     async def start(self) -> None:
-        self._sub = await self.nc.subscribe(subjects.results_for_edge(self.edge_id), cb=self._on_msg)
+        self._sub = await self.nc.subscribe(
+            subjects.results_for_edge(self.edge_id), cb=self._on_msg
+        )
 
     async def stop(self) -> None:
         if self._sub is not None:

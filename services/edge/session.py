@@ -87,7 +87,11 @@ class Session:
                 max_utterance_ms=settings.max_utterance_ms,
             ),
         )
-        self.timeline = Timeline(params.sample_rate, settings.reorder_chunks) if params.framing == "msgpack" else None
+        self.timeline = (
+            Timeline(params.sample_rate, settings.reorder_chunks)
+            if params.framing == "msgpack"
+            else None
+        )
         self._next_segment = 0
         self.outstanding: set[int] = set()
         self._delivered: set[int] = set()
@@ -186,7 +190,10 @@ class Session:
             try:
                 msg = await self.ws.receive(timeout=self.settings.idle_timeout_s)
             except TimeoutError:
-                return CLOSE_IDLE, f"idle: no audio or KeepAlive for {self.settings.idle_timeout_s:g} s"
+                return (
+                    CLOSE_IDLE,
+                    f"idle: no audio or KeepAlive for {self.settings.idle_timeout_s:g} s",
+                )
             if msg.type == WSMsgType.BINARY:
                 await self._on_audio(msg.data)
             elif msg.type == WSMsgType.TEXT:
@@ -204,15 +211,23 @@ class Session:
         self.counters.bytes_in += len(data)
         if self.timeline is None:
             if len(data) % 2:
-                raise ProtocolError(WSCloseCode.INVALID_TEXT, f"odd-length PCM frame ({len(data)} bytes); need s16le samples")
+                raise ProtocolError(
+                    WSCloseCode.INVALID_TEXT,
+                    f"odd-length PCM frame ({len(data)} bytes); need s16le samples",
+                )
             await self._feed(data)
             return
         try:
             chunk = ev.decode_chunk(data)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            raise ProtocolError(WSCloseCode.INVALID_TEXT, f"invalid AudioChunk msgpack: {exc}") from None
+            raise ProtocolError(
+                WSCloseCode.INVALID_TEXT, f"invalid AudioChunk msgpack: {exc}"
+            ) from None
         if len(chunk.pcm) % 2 or chunk.seq < 0:
-            raise ProtocolError(WSCloseCode.INVALID_TEXT, f"invalid AudioChunk seq={chunk.seq} ({len(chunk.pcm)} bytes of pcm)")
+            raise ProtocolError(
+                WSCloseCode.INVALID_TEXT,
+                f"invalid AudioChunk seq={chunk.seq} ({len(chunk.pcm)} bytes of pcm)",
+            )
         for pcm in self.timeline.push(chunk):
             await self._feed(pcm)
 
@@ -254,7 +269,11 @@ class Session:
         self._settled.clear()
         with tracer.start_as_current_span(
             "segment.publish",
-            attributes={"escapement.session": self.id, "escapement.segment": number, "escapement.tenant": self.tenant},
+            attributes={
+                "escapement.session": self.id,
+                "escapement.segment": number,
+                "escapement.tenant": self.tenant,
+            },
         ):
             inject_headers(headers)
             try:
@@ -265,13 +284,28 @@ class Session:
                     timeout=self.settings.publish_timeout_s,
                 )
             except APIError as exc:
-                log.warning("session %s: segment %d refused by JetStream: %s", self.id, number, exc.description)
-                self.send(ev.Overloaded(message=f"queue refused segment {number}: {exc.description}", segment=number))
+                log.warning(
+                    "session %s: segment %d refused by JetStream: %s",
+                    self.id,
+                    number,
+                    exc.description,
+                )
+                self.send(
+                    ev.Overloaded(
+                        message=f"queue refused segment {number}: {exc.description}", segment=number
+                    )
+                )
                 self._settle(number)
                 return
             except (NatsError, TimeoutError) as exc:
                 log.warning("session %s: segment %d not published: %r", self.id, number, exc)
-                self.send(ev.Error(code="publish_failed", message=f"segment {number} could not be queued", segment=number))
+                self.send(
+                    ev.Error(
+                        code="publish_failed",
+                        message=f"segment {number} could not be queued",
+                        segment=number,
+                    )
+                )
                 self._settle(number)
                 return
         self.counters.segments += 1
@@ -281,7 +315,9 @@ class Session:
         try:
             message = ev.decode_control(text)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            self.send(ev.Error(code="bad_control", message=f"unknown or malformed control message: {exc}"))
+            self.send(
+                ev.Error(code="bad_control", message=f"unknown or malformed control message: {exc}")
+            )
             return False
         if isinstance(message, ev.Finalize):
             await self._flush()
