@@ -95,6 +95,62 @@ def _cmd_up(args: argparse.Namespace) -> int:
     return run_up(opts)
 
 
+# --- escapement token / key ------------------------------------------------------
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """`90`, `90s`, `30m`, `1h`, `7d` -> seconds."""
+    text = text.strip().lower()
+    unit = _UNITS.get(text[-1:]) if text else None
+    number = text[:-1] if unit else text
+    try:
+        value = float(number) * (unit or 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (e.g. 90s, 30m, 1h)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("a duration must be positive")
+    return value
+
+
+def _secret(args: argparse.Namespace) -> bytes:
+    from services.embedded import SECRET_FILE, default_data_dir
+
+    if os.environ.get("ESCAPEMENT_AUTH_SECRET"):
+        return os.environ["ESCAPEMENT_AUTH_SECRET"].encode()
+    path = Path(args.secret_file) if args.secret_file else default_data_dir() / SECRET_FILE
+    try:
+        return path.read_text().strip().encode()
+    except OSError as exc:
+        raise SystemExit(
+            f"escapement token: no secret: set ESCAPEMENT_AUTH_SECRET or --secret-file ({exc})"
+        ) from None
+
+
+def _cmd_token_mint(args: argparse.Namespace) -> int:
+    from services.edge.auth import mint_token
+
+    try:
+        print(mint_token(_secret(args), args.tenant, args.ttl))
+    except ValueError as exc:
+        print(f"escapement token mint: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _cmd_key_new(args: argparse.Namespace) -> int:
+    from services.edge.auth import TENANT_RE, generate_key, hash_key
+
+    if not TENANT_RE.fullmatch(args.tenant):
+        print("escapement key new: tenant must be 1-64 of A-Z a-z 0-9 _ -", file=sys.stderr)
+        return 2
+    key = generate_key()
+    print(f"key (give it to the device; it is not stored): {key}")
+    print(f"line for the keys file (ESCAPEMENT_API_KEYS_FILE): {args.tenant}:{hash_key(key)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="escapement", description="Real-time speech-to-text on NATS JetStream"
@@ -133,6 +189,25 @@ def build_parser() -> argparse.ArgumentParser:
     pace.add_argument("--fast", action="store_true", help="send as fast as the edge takes it")
     tr.add_argument("--json", action="store_true", help="print every server event as one JSON line")
     tr.set_defaults(func=lambda a: asyncio.run(_transcribe(a)))
+    token = sub.add_parser("token", help="mint short-lived device tokens")
+    token_sub = token.add_subparsers(dest="token_command", required=True)
+    mint = token_sub.add_parser("mint", help="print a signed token for a tenant")
+    mint.add_argument("--tenant", required=True)
+    mint.add_argument(
+        "--ttl", type=parse_duration, default=3600.0, help="lifetime, e.g. 30m, 1h (default 1h)"
+    )
+    mint.add_argument(
+        "--secret-file",
+        help="the edge secret (default: env ESCAPEMENT_AUTH_SECRET, else the up data dir)",
+    )
+    mint.set_defaults(func=_cmd_token_mint)
+
+    key = sub.add_parser("key", help="make API keys")
+    key_sub = key.add_subparsers(dest="key_command", required=True)
+    new = key_sub.add_parser("new", help="print a new API key and its hashed keys-file line")
+    new.add_argument("--tenant", required=True)
+    new.set_defaults(func=_cmd_key_new)
+
     for name, (_, summary) in DELEGATED.items():
         sub.add_parser(name, help=f"{summary} (escapement {name} --help)", add_help=False)
     return p

@@ -70,6 +70,7 @@ def stream_url(
     language: str = "en",
     framing: str = "raw",
     token: str | None = None,
+    fast: bool = False,
 ) -> str:
     """`http://host:port` or `ws://host:port[/v1/stream]` -> the full stream URL."""
     parts = urlsplit(base if "://" in base else f"http://{base}")
@@ -80,6 +81,8 @@ def stream_url(
     query = {"sample_rate": sample_rate, "encoding": "linear16", "language": language}
     if framing != "raw":
         query["framing"] = framing
+    if fast:
+        query["pace"] = "fast"
     if token:
         query["token"] = token
     return urlunsplit((scheme, parts.netloc, path, urlencode(query), ""))
@@ -97,14 +100,17 @@ async def stream_audio(
     token: str | None = None,
     on_event: Callable[[Received], None] | None = None,
     close_timeout: float = 60.0,
+    run: StreamRun | None = None,
 ) -> StreamRun:
     """Stream `pcm` (s16le mono) paced in real time (or as fast as possible), then CloseStream.
 
     Returns when the server has closed the socket. Raises `Refused` if the
-    upgrade is refused.
+    upgrade is refused. Pass `run` to have it filled in as the session goes,
+    so what was sent and received survives a timeout or a dropped socket
+    (`run.connected_at` stays 0 until the upgrade succeeded).
     """
-    run = StreamRun()
-    url = stream_url(base_url, sample_rate, language, token=token)
+    run = StreamRun() if run is None else run
+    url = stream_url(base_url, sample_rate, language, token=token, fast=not realtime)
     started = time.monotonic()
     try:
         ws = await http.ws_connect(url, max_msg_size=0, autoping=True)

@@ -26,7 +26,7 @@ from jetstream.setup import IncompatibleDefinition, apply_all
 from observability.logging import setup_logging
 from services.config import from_env
 from services.discovery import ping_services
-from services.edge.app import create_app
+from services.edge.app import LOOPBACK, EdgeConfigError, create_app, make_runner
 from services.edge.settings import EdgeSettings
 from services.natsconn import connect
 from services.natsserver import NatsServer, NatsServerError
@@ -101,7 +101,7 @@ class WorkerProcess:
 
 
 async def _up(opts: UpOptions) -> int:
-    data_dir = opts.data_dir or Path(platformdirs.user_data_dir("escapement"))
+    data_dir = opts.data_dir or default_data_dir()
     data_dir.mkdir(parents=True, exist_ok=True)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -147,8 +147,23 @@ async def _up(opts: UpOptions) -> int:
             supervisors.add(task)
             task.add_done_callback(supervisors.discard)
 
-        settings = from_env(EdgeSettings, nats_url=nats_url, host=opts.host, port=opts.port)
-        runner = web.AppRunner(create_app(settings), handle_signals=False)
+        loopback = opts.host in LOOPBACK
+        settings = from_env(
+            EdgeSettings,
+            nats_url=nats_url,
+            host=opts.host,
+            port=opts.port,
+            # auth defaults to off on loopback only; the environment can say otherwise
+            auth_enabled=None if "ESCAPEMENT_AUTH_ENABLED" in os.environ else not loopback,
+            auth_secret=None
+            if "ESCAPEMENT_AUTH_SECRET" in os.environ
+            else load_or_make_secret(data_dir),
+        )
+        try:
+            runner = make_runner(create_app(settings))
+        except EdgeConfigError as exc:
+            log.error("%s", exc)
+            return 1
         await runner.setup()
         site = web.TCPSite(runner, opts.host, opts.port)
         try:
@@ -195,6 +210,26 @@ async def _announce_workers(nc, expected: int, stopping: asyncio.Event) -> None:
             log.info("%d worker(s) ready", found)
             return
         await asyncio.sleep(0.5)
+
+
+SECRET_FILE = "auth-secret"
+
+
+def load_or_make_secret(data_dir: Path) -> str:
+    """The edge's token secret, kept in the data dir (0600) so minted tokens survive restarts."""
+    path = data_dir / SECRET_FILE
+    if not path.exists():
+        import secrets
+
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(secrets.token_urlsafe(32))
+        tmp.chmod(0o600)
+        tmp.replace(path)
+    return path.read_text().strip()
+
+
+def default_data_dir() -> Path:
+    return Path(platformdirs.user_data_dir("escapement"))
 
 
 def run_up(opts: UpOptions) -> int:

@@ -23,10 +23,11 @@ from nats.aio.client import Client as NATS
 
 from jetstream.setup import apply_all
 from loadtest.speech import Speech, make_speech
-from services.edge.app import create_app
+from services.edge.app import create_app, make_runner
 from services.edge.settings import EdgeSettings
 from services.natsserver import NatsServer
 from services.worker.engines import WhisperEngine
+from services.worker.micro import register
 from services.worker.models import resolve_model
 from services.worker.service import Worker
 from services.worker.settings import WorkerSettings
@@ -85,9 +86,10 @@ class RunningEdge:
 
 @contextlib.asynccontextmanager
 async def run_edge(nats_url: str, **overrides: object) -> AsyncIterator[RunningEdge]:
-    settings = EdgeSettings(nats_url=nats_url, port=free_port(), **overrides)  # type: ignore[arg-type]
+    options: dict[str, object] = {"auth_enabled": False, **overrides}
+    settings = EdgeSettings(nats_url=nats_url, port=free_port(), **options)  # type: ignore[arg-type]
     app = create_app(settings)
-    runner = web.AppRunner(app, handle_signals=False)
+    runner = make_runner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", settings.port)
     await site.start()
@@ -99,7 +101,8 @@ async def run_edge(nats_url: str, **overrides: object) -> AsyncIterator[RunningE
 
 @pytest.fixture
 async def edge(nc: NATS, nats_server: NatsServer) -> AsyncIterator[RunningEdge]:
-    async with run_edge(nats_server.url) as running:
+    """An edge that admits sessions whether or not a worker runs (segments wait in the queue)."""
+    async with run_edge(nats_server.url, require_workers=False) as running:
         yield running
 
 
@@ -112,9 +115,11 @@ async def run_worker(
     stop = asyncio.Event()
     task = asyncio.create_task(worker.run(stop))
     await asyncio.wait_for(worker.ready.wait(), timeout=30)
+    service = await register(conn, worker)
     try:
         yield worker
     finally:
+        await service.stop()
         stop.set()
         await asyncio.wait_for(task, timeout=30)
         await worker.close()

@@ -12,7 +12,7 @@ from nats.aio.client import Client as NATS
 from jetstream import subjects
 from schemas import device as ev
 from services.client import StreamRun, stream_audio
-from tests.conftest import RunningEdge, run_worker, wer
+from tests.conftest import RunningEdge, run_edge, run_worker, wer
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +41,7 @@ def check_words(run: StreamRun, audio_ms: float) -> None:
 
 
 async def test_realtime_speech_is_transcribed(
-    edge: RunningEdge, worker, http, make_test_speech
+    worker, edge: RunningEdge, http, make_test_speech
 ) -> None:  # type: ignore[no-untyped-def]
     speech = make_test_speech(SENTENCES_A)
     run = await stream_audio(http, edge.url, speech.pcm, speech.sample_rate, realtime=True)
@@ -64,7 +64,7 @@ async def test_realtime_speech_is_transcribed(
 
 
 async def test_concurrent_sessions_get_only_their_own_finals(
-    edge: RunningEdge, worker, http, make_test_speech
+    worker, edge: RunningEdge, http, make_test_speech
 ) -> None:  # type: ignore[no-untyped-def]
     a, b = make_test_speech(SENTENCES_A[:2]), make_test_speech(SENTENCES_B)
     run_a, run_b = await asyncio.gather(
@@ -80,27 +80,28 @@ async def test_concurrent_sessions_get_only_their_own_finals(
 
 
 async def test_segments_wait_in_the_queue_until_a_worker_starts(
-    edge: RunningEdge, nc: NATS, nats_server, engine, http, make_test_speech
+    nc: NATS, nats_server, engine, http, make_test_speech
 ) -> None:  # type: ignore[no-untyped-def]
     speech = make_test_speech(SENTENCES_B)
     js = nc.jetstream()
-    streaming = asyncio.create_task(
-        stream_audio(
-            http, edge.url, speech.pcm, speech.sample_rate, realtime=False, close_timeout=120
+    async with run_edge(nats_server.url, require_workers=False) as edge:
+        streaming = asyncio.create_task(
+            stream_audio(
+                http, edge.url, speech.pcm, speech.sample_rate, realtime=False, close_timeout=120
+            )
         )
-    )
-    # no worker: the segments are held by the work-queue stream
-    for _ in range(100):
-        info = await js.stream_info(subjects.STREAM_SEGMENTS)
-        if info.state.messages == len(SENTENCES_B):
-            break
-        await asyncio.sleep(0.1)
-    assert info.state.messages == len(SENTENCES_B)
-    await asyncio.sleep(0.5)
-    assert not streaming.done()  # CloseStream waits for the finals
+        # no worker: the segments are held by the work-queue stream
+        for _ in range(100):
+            info = await js.stream_info(subjects.STREAM_SEGMENTS)
+            if info.state.messages == len(SENTENCES_B):
+                break
+            await asyncio.sleep(0.1)
+        assert info.state.messages == len(SENTENCES_B)
+        await asyncio.sleep(0.5)
+        assert not streaming.done()  # CloseStream waits for the finals
 
-    async with run_worker(nats_server.url, engine):
-        run = await asyncio.wait_for(streaming, timeout=120)
+        async with run_worker(nats_server.url, engine):
+            run = await asyncio.wait_for(streaming, timeout=120)
     assert run.close_code == 1000
     assert wer(speech.text, run.text) <= 0.25, run.text
     info = await js.stream_info(subjects.STREAM_SEGMENTS)
@@ -115,7 +116,7 @@ async def test_segments_wait_in_the_queue_until_a_worker_starts(
 
 @pytest.mark.parametrize("rate", [8000, 48000])
 async def test_other_sample_rates(
-    edge: RunningEdge, worker, http, make_test_speech, rate: int
+    worker, edge: RunningEdge, http, make_test_speech, rate: int
 ) -> None:  # type: ignore[no-untyped-def]
     speech = make_test_speech(SENTENCES_A[:1], sample_rate=rate)
     run = await stream_audio(http, edge.url, speech.pcm, rate, realtime=False)
@@ -125,7 +126,7 @@ async def test_other_sample_rates(
 
 
 async def test_finalize_cuts_the_utterance_now(
-    edge: RunningEdge, worker, http, make_test_speech
+    worker, edge: RunningEdge, http, make_test_speech
 ) -> None:  # type: ignore[no-untyped-def]
     """A device that knows the user stopped (push-to-talk) need not wait for the endpoint."""
     speech = make_test_speech(SENTENCES_A[:1])

@@ -10,7 +10,7 @@ from aiohttp import web
 from observability.logging import setup_logging
 from observability.tracing import setup_tracing, shutdown_tracing
 from services.config import SettingsError, from_env
-from services.edge.app import create_app
+from services.edge.app import EdgeConfigError, create_app
 from services.edge.settings import EdgeSettings
 
 
@@ -28,7 +28,18 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(settings.log_level)
     setup_tracing("escapement-edge")
     try:
-        web.run_app(create_app(settings), host=settings.host, port=settings.port, print=None)
+        try:
+            app = create_app(settings)
+        except EdgeConfigError as exc:
+            print(f"escapement edge: {exc}", file=sys.stderr)
+            return 2
+        web.run_app(
+            app,
+            host=settings.host,
+            port=settings.port,
+            print=None,
+            keepalive_timeout=settings.handshake_timeout_s,
+        )
     finally:
         shutdown_tracing()
     return 0

@@ -19,6 +19,8 @@ from nats.micro.request import Request
 from jetstream import subjects
 from jetstream.setup import streams_exist
 from schemas.device import REASON_HEADER
+from services.edge.admission import Admission, AdmissionConfig
+from services.edge.auth import Authenticator, AuthError, load_api_keys, mint_resume_token
 from services.edge.params import BadRequest, parse_stream_params
 from services.edge.router import ResultRouter
 from services.edge.session import Session
@@ -62,6 +64,10 @@ class EdgeStats:
 
 
 stats_key = web.AppKey("stats", EdgeStats)
+auth_key = web.AppKey("auth", Authenticator)
+secret_key = web.AppKey("secret", bytes)
+admission_key = web.AppKey("admission", Admission)
+tenants_key = web.AppKey("tenants", Counter)
 
 
 def refuse(
@@ -75,52 +81,82 @@ def refuse(
 
 
 async def stream_handler(request: web.Request) -> web.StreamResponse:
-    settings = request.app[settings_key]
+    app = request.app
+    settings = app[settings_key]
     try:
         params = parse_stream_params(request.query, settings.default_language)
     except BadRequest as exc:
         return refuse(request, 400, exc.reason, exc.message)
-    nc = request.app[nats_key]
-    if not nc.is_connected:
-        return refuse(request, 503, "nats_unavailable", "the queue is unreachable", retry_after=2)
+    try:
+        principal = app[auth_key].authenticate(request.headers, request.query)
+    except AuthError as exc:
+        return refuse(request, exc.status, exc.reason, exc.message)
+    refusal = app[admission_key].check()
+    if refusal is not None:
+        return refuse(request, refusal.status, refusal.reason, refusal.message, refusal.retry_after)
+    tenants = app[tenants_key]
+    if len(app[sessions_key]) >= settings.max_connections:
+        return refuse(
+            request,
+            503,
+            "too_many_connections",
+            "this edge is at its connection limit",
+            retry_after=1,
+        )
+    if tenants[principal.tenant] >= settings.max_connections_per_tenant:
+        return refuse(
+            request,
+            429,
+            "too_many_connections",
+            "your tenant is at its connection limit",
+            retry_after=1,
+        )
     ws = web.WebSocketResponse(
         max_msg_size=settings.max_frame_bytes,
         heartbeat=settings.heartbeat_s,
         autoping=True,
     )
-    await ws.prepare(request)
+    session_id = secrets.token_urlsafe(12)
     session = Session(
         ws=ws,
-        js=nc.jetstream(),
+        js=app[nats_key].jetstream(),
         settings=settings,
         params=params,
-        edge_id=request.app[edge_id_key],
-        session_id=secrets.token_urlsafe(12),
-        resume_token=secrets.token_urlsafe(24),
-        tenant="default",
+        edge_id=app[edge_id_key],
+        session_id=session_id,
+        resume_token=mint_resume_token(
+            app[secret_key], principal.tenant, session_id, settings.resume_window_s
+        ),
+        tenant=principal.tenant,
     )
-    stats = request.app[stats_key]
-    stats.admitted += 1
-    router = request.app[router_key]
+    stats = app[stats_key]
+    router = app[router_key]
+    tenants[principal.tenant] += 1
+    app[sessions_key].add(session)
     router.register(session)
-    request.app[sessions_key].add(session)
-    log.info(
-        "session %s opened (rate %d, %s, %s)",
-        session.id,
-        params.sample_rate,
-        params.language,
-        params.framing,
-    )
     try:
+        await ws.prepare(request)
+        stats.admitted += 1
+        log.info(
+            "session %s opened (tenant %s, %d Hz, %s, %s)",
+            session.id,
+            principal.tenant,
+            params.sample_rate,
+            params.language,
+            params.framing,
+        )
         await session.run()
     finally:
         router.unregister(session)
-        request.app[sessions_key].discard(session)
+        app[sessions_key].discard(session)
+        tenants[principal.tenant] -= 1
+        if tenants[principal.tenant] <= 0:
+            del tenants[principal.tenant]
         stats.closed[ws.close_code or 1006] += 1
         stats.segments += session.counters.segments
         stats.finals += session.counters.finals
         stats.errors += session.counters.errors
-        log.info("session %s closed: %s", session.id, session.counters)
+        log.info("session %s closed %s: %s", session.id, ws.close_code, session.counters)
     return ws
 
 
@@ -173,6 +209,18 @@ def _nats_ctx(settings: EdgeSettings, nc: NATS | None):  # type: ignore[no-untyp
         router = ResultRouter(conn, app[edge_id_key])
         await router.start()
         app[router_key] = router
+        admission = Admission(
+            conn,
+            AdmissionConfig(
+                refresh_s=settings.admission_refresh_s,
+                backlog_high_per_worker=settings.backlog_high_per_worker,
+                backlog_low_per_worker=settings.backlog_low_per_worker,
+                require_workers=settings.require_workers,
+                retry_after_s=settings.retry_after_s,
+            ),
+        )
+        await admission.start()
+        app[admission_key] = admission
 
         async def status(req: Request) -> None:
             body = {
@@ -193,6 +241,7 @@ def _nats_ctx(settings: EdgeSettings, nc: NATS | None):  # type: ignore[no-untyp
             name="status", subject=f"{subjects.EDGE_STATUS}.{app[edge_id_key]}", handler=status
         )
         yield
+        await admission.stop()
         await service.stop()
         await router.stop()
         if own:
@@ -205,7 +254,43 @@ def _nats_ctx(settings: EdgeSettings, nc: NATS | None):  # type: ignore[no-untyp
 
 
 async def _close_sessions(app: web.Application) -> None:
+    if admission_key in app:
+        app[admission_key].draining = True
     await asyncio.gather(*(s.abort() for s in list(app[sessions_key])), return_exceptions=True)
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+class EdgeConfigError(ValueError):
+    pass
+
+
+def _auth_setup(settings: EdgeSettings) -> tuple[Authenticator, bytes]:
+    if not settings.auth_enabled and settings.host not in LOOPBACK:
+        raise EdgeConfigError(
+            f"auth may be switched off only on a loopback host, not {settings.host!r}"
+        )
+    if settings.auth_secret:
+        secret = settings.auth_secret.encode()
+    else:
+        secret = secrets.token_bytes(32)
+        if settings.auth_enabled:
+            log.warning("no ESCAPEMENT_AUTH_SECRET: tokens minted elsewhere will not verify here")
+    keys = load_api_keys(settings.api_keys_file or None, settings.api_keys or None)
+    if settings.auth_enabled and not keys and not settings.auth_secret:
+        log.warning(
+            "auth is on but no API keys and no secret are configured: every device is refused"
+        )
+    if not settings.auth_enabled:
+        log.warning("auth is OFF (loopback only): any local program may stream")
+    return Authenticator(secret, keys, enabled=settings.auth_enabled), secret
+
+
+def make_runner(app: web.Application) -> web.AppRunner:
+    """An AppRunner whose keep-alive timeout also bounds slow handshakes."""
+    settings = app[settings_key]
+    return web.AppRunner(app, handle_signals=False, keepalive_timeout=settings.handshake_timeout_s)
 
 
 def create_app(settings: EdgeSettings, nc: NATS | None = None) -> web.Application:
@@ -215,6 +300,8 @@ def create_app(settings: EdgeSettings, nc: NATS | None = None) -> web.Applicatio
     app[edge_id_key] = subjects.check_token(settings.edge_id or f"edge-{secrets.token_hex(4)}")
     app[sessions_key] = set()
     app[stats_key] = EdgeStats()
+    app[tenants_key] = Counter()
+    app[auth_key], app[secret_key] = _auth_setup(settings)
     app.cleanup_ctx.append(_nats_ctx(settings, nc))
     app.on_shutdown.append(_close_sessions)
     app.router.add_get("/v1/stream", stream_handler)

@@ -28,6 +28,7 @@ class StreamParams:
     encoding: str = "linear16"
     language: str = "en"
     framing: str = "raw"
+    fast: bool = False  # pace=fast: a file upload, exempt from the real-time rate limit
 
 
 def parse_stream_params(query: Mapping[str, str], default_language: str = "en") -> StreamParams:
@@ -59,4 +60,9 @@ def parse_stream_params(query: Mapping[str, str], default_language: str = "en") 
         raise BadRequest(
             "bad_framing", f"framing {framing[:32]!r} not supported; use raw or msgpack"
         )
-    return StreamParams(sample_rate=rate, encoding=encoding, language=language, framing=framing)
+    pace = query.get("pace", "realtime")
+    if pace not in ("realtime", "fast"):
+        raise BadRequest("bad_pace", f"pace {pace[:32]!r} not supported; use realtime or fast")
+    return StreamParams(
+        sample_rate=rate, encoding=encoding, language=language, framing=framing, fast=pace == "fast"
+    )

@@ -53,6 +53,7 @@ class SessionCounters:
     segments: int = 0
     finals: int = 0
     errors: int = 0
+    throttled_s: float = 0.0
 
 
 class Session:
@@ -102,6 +103,7 @@ class Session:
         self._outbox: asyncio.Queue[ev.ServerEvent | None] = asyncio.Queue()
         self._writer: asyncio.Task[None] | None = None
         self.started = time.monotonic()
+        self._audio_s = 0.0
 
     # --- outbound -----------------------------------------------------------
 
@@ -206,9 +208,25 @@ class Session:
             else:  # CLOSE, CLOSING, CLOSED: the device hung up
                 return WSCloseCode.OK, "closed by client"
 
+    async def _pace(self, n_bytes: int) -> None:
+        """Hold a device that sends faster than real time (beyond a burst) to the rate limit.
+
+        Not reading the socket lets TCP push back on the sender; nothing is dropped.
+        """
+        self._audio_s += n_bytes / 2 / self.params.sample_rate
+        limit = self.settings.max_audio_rate
+        if self.params.fast or limit <= 0:
+            return
+        allowed = (time.monotonic() - self.started) * limit + self.settings.audio_burst_s
+        ahead = self._audio_s - allowed
+        if ahead > 0:
+            self.counters.throttled_s += ahead / limit
+            await asyncio.sleep(ahead / limit)
+
     async def _on_audio(self, data: bytes) -> None:
         self.counters.frames_in += 1
         self.counters.bytes_in += len(data)
+        await self._pace(len(data))
         if self.timeline is None:
             if len(data) % 2:
                 raise ProtocolError(

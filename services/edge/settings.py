@@ -18,7 +18,25 @@ class EdgeSettings(msgspec.Struct, frozen=True, kw_only=True):
     max_utterance_ms: int = 15000
     reorder_chunks: int = 8  # numbered chunks held to repair reordering
     prompt_chars: int = 200  # recent text sent with each segment as context
+    # admission (new sessions only)
+    backlog_high_per_worker: int = 8  # queued + in-flight segments per live worker
+    backlog_low_per_worker: int = 4
+    require_workers: bool = True  # refuse new sessions while no worker is alive
+    admission_refresh_s: float = 0.25
+    retry_after_s: float = 5.0
+    # auth
+    auth_enabled: bool = True  # may be off only on a loopback host
+    auth_secret: str = ""  # HMAC key for tokens; generated per process when empty
+    api_keys_file: str = ""  # lines of tenant:sha256(key)
+    api_keys: str = ""  # the same, comma-separated
+    resume_window_s: float = 300.0
     # limits
+    max_connections: int = 2000
+    max_connections_per_tenant: int = 500
+    handshake_timeout_s: float = 10.0
+    max_session_s: float = 4 * 3600.0
+    max_audio_rate: float = 1.5  # times real time; more is throttled (0: no limit)
+    audio_burst_s: float = 5.0  # audio a device may send ahead of real time (after a stall)
     max_frame_bytes: int = 256 * 1024
     idle_timeout_s: float = 10.0  # no audio and no KeepAlive
     heartbeat_s: float = 20.0  # WebSocket ping

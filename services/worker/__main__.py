@@ -4,20 +4,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import signal
 import sys
 
-from nats.micro import add_service
-from nats.micro.request import Request
-
-from jetstream import subjects
 from observability.logging import setup_logging
 from observability.tracing import setup_tracing, shutdown_tracing
 from services.config import SettingsError, from_env
 from services.natsconn import connect
 from services.worker.engines import WhisperEngine
+from services.worker.micro import register
 from services.worker.models import ModelNotFound, resolve_model
 from services.worker.service import Worker
 from services.worker.settings import WorkerSettings
@@ -59,17 +55,7 @@ async def serve(settings: WorkerSettings) -> int:
     worker = Worker(nc, factory, settings)
     await worker.load()
 
-    async def status(req: Request) -> None:
-        await req.respond(json.dumps(worker.status()).encode())
-
-    service = await add_service(
-        nc,
-        name=subjects.WORKER_SERVICE,
-        version="0.1.0",
-        description="Escapement transcription worker",
-        metadata={"engine": worker.engine.name if worker.engine else ""},
-    )
-    await service.add_endpoint(name="status", subject=subjects.WORKER_STATUS, handler=status)
+    service = await register(nc, worker)
     try:
         await worker.run(stop)
     finally:

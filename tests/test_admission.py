@@ -1,0 +1,201 @@
+"""Admission, auth and limits at the edge: refused up front, with a reason, fast."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+import pytest
+from nats.aio.client import Client as NATS
+
+from jetstream import subjects
+from schemas import device as ev
+from schemas.pipeline import Segment, encode_segment
+from services.client import Refused, stream_audio
+from services.edge.auth import hash_key, mint_resume_token, mint_token
+from tests.conftest import run_edge, run_worker
+
+SECRET = "test-secret-0123456789abcdef"
+
+
+async def refusal(
+    http: aiohttp.ClientSession, url: str, **kw: object
+) -> tuple[int, str, str | None, float]:
+    """(status, reason, Retry-After, seconds taken) of a refused upgrade."""
+    started = time.perf_counter()
+    with pytest.raises(aiohttp.WSServerHandshakeError) as caught:
+        await http.ws_connect(url, **kw)  # type: ignore[arg-type]
+    took = time.perf_counter() - started
+    headers = caught.value.headers or {}
+    return caught.value.status, headers.get(ev.REASON_HEADER, ""), headers.get("Retry-After"), took
+
+
+async def admitted(http: aiohttp.ClientSession, url: str, **kw: object) -> ev.SessionStarted:
+    async with http.ws_connect(url, **kw) as ws:  # type: ignore[arg-type]
+        event = ev.decode_event((await ws.receive(timeout=5)).data)
+        assert isinstance(event, ev.SessionStarted)
+        return event
+
+
+async def test_no_workers_means_503_no_workers(nats_server, nc: NATS, http) -> None:  # type: ignore[no-untyped-def]
+    async with run_edge(nats_server.url, require_workers=True) as edge:
+        status, reason, retry, took = await refusal(http, f"{edge.url}/v1/stream")
+    assert (status, reason) == (503, "no_workers")
+    assert retry is not None and float(retry) >= 1
+    assert took < 0.5
+
+
+async def test_backlog_over_high_water_refuses_until_below_low_water(
+    nats_server, nc: NATS, engine, http
+) -> None:  # type: ignore[no-untyped-def]
+    js = nc.jetstream()
+    async with run_edge(
+        nats_server.url,
+        require_workers=False,
+        backlog_high_per_worker=6,
+        backlog_low_per_worker=2,
+    ) as edge:
+        url = f"{edge.url}/v1/stream"
+        await admitted(http, url)
+        # the queue fills (no worker is running): 8 queued segments >= 6
+        for n in range(8):
+            seg = Segment(
+                session_id="filler", edge_id="nowhere", segment=n, start_ms=0, end_ms=500,
+                sample_rate=16000, pcm=bytes(16000),
+            )  # fmt: skip
+            await js.publish(
+                subjects.segments_subject("nowhere", "filler"),
+                encode_segment(seg),
+                headers={subjects.Header.MSG_ID: subjects.segment_msg_id("filler", n)},
+            )
+        await asyncio.sleep(0.5)  # > one refresh (0.25 s)
+        timings = []
+        for _ in range(5):
+            status, reason, retry, took = await refusal(http, url)
+            assert (status, reason) == (503, "queue_full")
+            assert retry is not None
+            timings.append(took)
+        assert sorted(timings)[2] < 0.05, timings  # median refusal well under 50 ms
+        # a worker drains the backlog; below the low-water mark sessions are admitted again
+        async with run_worker(nats_server.url, engine):
+            for _ in range(200):
+                info = await js.consumer_info(subjects.STREAM_SEGMENTS, subjects.CONSUMER_WORKERS)
+                if info.num_pending + info.num_ack_pending <= 2:
+                    break
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(0.5)
+            await admitted(http, url)
+        async with http.get(f"{edge.url}/v1/stats") as r:
+            stats = await r.json()
+        assert stats["sessions"]["refused"]["queue_full"] == 5
+
+
+async def test_auth_cases(nats_server, nc: NATS, http) -> None:  # type: ignore[no-untyped-def]
+    key = "device-key-for-tests-0123456789"
+    async with run_edge(
+        nats_server.url,
+        require_workers=False,
+        auth_enabled=True,
+        auth_secret=SECRET,
+        api_keys=f"acme:{hash_key(key)}",
+    ) as edge:
+        url = f"{edge.url}/v1/stream"
+        assert (await refusal(http, url))[:2] == (401, "missing_credentials")
+        bad = {"Authorization": "Bearer nope"}
+        assert (await refusal(http, url, headers=bad))[:2] == (401, "invalid_credentials")
+        expired = mint_token(SECRET.encode(), "acme", ttl_s=60, now=time.time() - 120)
+        assert (await refusal(http, f"{url}?token={expired}"))[:2] == (401, "expired_token")
+        forged = mint_token(b"another-secret-0123456789", "acme", ttl_s=60)
+        assert (await refusal(http, f"{url}?token={forged}"))[:2] == (401, "invalid_credentials")
+        # a resume token is not a device credential
+        resume = mint_resume_token(SECRET.encode(), "acme", "someSession", 60)
+        assert (await refusal(http, f"{url}?token={resume}"))[:2] == (401, "invalid_credentials")
+
+        await admitted(http, url, headers={"Authorization": f"Bearer {key}"})
+        token = mint_token(SECRET.encode(), "acme", ttl_s=60)
+        started = await admitted(http, f"{url}?token={token}")
+        assert started.session_id
+        async with http.get(f"{edge.url}/v1/stats") as r:
+            stats = await r.json()
+        assert stats["sessions"]["refused"] == {
+            "missing_credentials": 1,
+            "invalid_credentials": 3,
+            "expired_token": 1,
+        }
+
+
+async def test_connection_limits(nats_server, nc: NATS, http) -> None:  # type: ignore[no-untyped-def]
+    async with run_edge(
+        nats_server.url, require_workers=False, max_connections=3, max_connections_per_tenant=2
+    ) as edge:
+        url = f"{edge.url}/v1/stream"
+        a = await http.ws_connect(url)
+        b = await http.ws_connect(url)
+        status, reason, retry, _ = await refusal(http, url)
+        assert (status, reason) == (429, "too_many_connections") and retry
+        await a.close()
+        await asyncio.sleep(0.1)
+        c = await http.ws_connect(url)  # a slot came free
+        await b.close()
+        await c.close()
+
+
+async def test_half_open_handshakes_are_closed(nats_server, nc: NATS, http) -> None:  # type: ignore[no-untyped-def]
+    async with run_edge(nats_server.url, require_workers=False, handshake_timeout_s=0.5) as edge:
+        port = edge.settings.port
+        conns = []
+        for partial in (b"", b"GET /v1/stream HTTP/1.1\r\nHost: x\r\n"):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(partial)
+            await writer.drain()
+            conns.append((reader, writer))
+        started = time.monotonic()
+        for reader, writer in conns:
+            assert await asyncio.wait_for(reader.read(), timeout=5) == b""  # closed by the edge
+            writer.close()
+        assert time.monotonic() - started < 3
+        await admitted(http, f"{edge.url}/v1/stream")  # and the edge still serves
+
+
+async def test_faster_than_real_time_is_throttled_unless_fast(
+    nats_server, nc: NATS, http, make_test_speech
+) -> None:  # type: ignore[no-untyped-def]
+    speech = make_test_speech(["please turn on the lights in the kitchen"] * 3, gap_s=1.0)
+    async with run_edge(
+        nats_server.url, require_workers=False, max_audio_rate=2.0, audio_burst_s=1.0
+    ) as edge:
+
+        async def last_speech_end(query: str) -> float:
+            async with http.ws_connect(f"{edge.url}/v1/stream?{query}") as ws:
+                started = time.monotonic()
+                for i in range(0, len(speech.pcm), 32000):
+                    await ws.send_bytes(speech.pcm[i : i + 32000])
+                seen = 0
+                while seen < 3:
+                    event = ev.decode_event((await ws.receive(timeout=30)).data)
+                    if isinstance(event, ev.SpeechEnded) and event.segment is not None:
+                        seen += 1
+                return time.monotonic() - started
+
+        fast = await last_speech_end("pace=fast")
+        paced = await last_speech_end("pace=realtime")
+    # the third utterance ends ~10 s into the audio: at 2x with a 1 s burst, >= ~4.5 s
+    assert paced >= 4.0 > fast, (paced, fast)
+
+
+async def test_fast_upload_still_transcribes(
+    nats_server, nc: NATS, engine, http, make_test_speech
+) -> None:  # type: ignore[no-untyped-def]
+    speech = make_test_speech(["set a timer for ten minutes"])
+    async with run_worker(nats_server.url, engine), run_edge(nats_server.url) as edge:
+        run = await stream_audio(http, edge.url, speech.pcm, 16000, realtime=False)
+    assert run.close_code == 1000 and run.finals
+
+
+async def test_refused_client_sees_reason(nats_server, nc: NATS, http) -> None:  # type: ignore[no-untyped-def]
+    async with run_edge(nats_server.url, require_workers=True) as edge:
+        with pytest.raises(Refused) as caught:
+            await stream_audio(http, edge.url, bytes(3200), 16000)
+    assert caught.value.status == 503 and caught.value.reason == "no_workers"
+    assert caught.value.retry_after and caught.value.retry_after >= 1
