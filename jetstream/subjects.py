@@ -15,6 +15,7 @@ PREFIX = "asr"
 STREAM_SEGMENTS = "ASR_SEGMENTS"
 STREAM_TRANSCRIPTS = "ASR_TRANSCRIPTS"
 CONSUMER_WORKERS = "workers"
+KV_SESSIONS = "ASR_SESSIONS"  # key-value bucket (stream KV_ASR_SESSIONS): key = session id
 
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 

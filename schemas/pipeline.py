@@ -66,10 +66,39 @@ class ErrorResult(msgspec.Struct, tag=True, kw_only=True, frozen=True):
 
 ResultMessage = Result | ErrorResult
 
+
+class SessionRecord(msgspec.Struct, kw_only=True):
+    """Where a session stands (KV bucket ASR_SESSIONS), so it can resume on any edge."""
+
+    session_id: str
+    tenant: str
+    edge_id: str
+    sample_rate: int
+    language: str
+    framing: str = "raw"
+    next_segment: int = 0
+    position_ms: int = 0  # end of the audio received so far, on the session timeline
+    state: str = "open"  # open | detached (socket lost: resumable) | closed (CloseStream)
+    detached_at: float = 0.0  # unix seconds
+    v: int = SCHEMA_VERSION
+
+
 _segment_encoder = msgspec.msgpack.Encoder()
 _segment_decoder = msgspec.msgpack.Decoder(Segment)
 _result_encoder = msgspec.msgpack.Encoder()
 _result_decoder = msgspec.msgpack.Decoder(ResultMessage)
+
+
+_record_encoder = msgspec.msgpack.Encoder()
+_record_decoder = msgspec.msgpack.Decoder(SessionRecord)
+
+
+def encode_record(record: SessionRecord) -> bytes:
+    return _record_encoder.encode(record)
+
+
+def decode_record(data: bytes) -> SessionRecord:
+    return _record_decoder.decode(data)
 
 
 def encode_segment(segment: Segment) -> bytes:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import nats
 from nats.aio.client import Client as NATS
@@ -12,7 +13,9 @@ from services.config import nats_servers
 log = logging.getLogger(__name__)
 
 
-async def connect(url: str, name: str, **options: object) -> NATS:
+async def connect(
+    url: str, name: str, on_reconnect: Callable[[], None] | None = None, **options: object
+) -> NATS:
     """Connect with endless reconnects; errors inside callbacks are logged, not lost."""
 
     async def error_cb(exc: Exception) -> None:
@@ -22,6 +25,8 @@ async def connect(url: str, name: str, **options: object) -> NATS:
         log.warning("nats (%s): disconnected", name)
 
     async def reconnected_cb() -> None:
+        if on_reconnect is not None:
+            on_reconnect()
         log.info(
             "nats (%s): reconnected to %s",
             name,

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aiohttp import web
+from aiohttp import WSCloseCode, web
 from nats.aio.client import Client as NATS
 from nats.micro import add_service
 from nats.micro.request import Request
@@ -19,12 +19,21 @@ from nats.micro.request import Request
 from jetstream import subjects
 from jetstream.setup import streams_exist
 from schemas.device import REASON_HEADER
+from schemas.pipeline import Result, ResultMessage, SessionRecord
 from services.edge.admission import Admission, AdmissionConfig
-from services.edge.auth import Authenticator, AuthError, load_api_keys, mint_resume_token
+from services.edge.auth import (
+    Authenticator,
+    AuthError,
+    load_api_keys,
+    mint_resume_token,
+    verify_resume_token,
+)
 from services.edge.params import BadRequest, parse_stream_params
+from services.edge.replay import stored_results
 from services.edge.router import ResultRouter
 from services.edge.session import Session
 from services.edge.settings import EdgeSettings
+from services.edge.store import ResumeRefused, SessionStore
 from services.natsconn import connect
 
 log = logging.getLogger(__name__)
@@ -43,16 +52,19 @@ class EdgeStats:
     """What this edge saw, for `/v1/stats` and the load generator to compare against."""
 
     admitted: int = 0
+    resumed: int = 0
     refused: Counter[str] = field(default_factory=Counter)
     closed: Counter[int] = field(default_factory=Counter)  # by close code
     segments: int = 0
     finals: int = 0
     errors: int = 0
+    publish_retries: int = 0
 
     def as_dict(self, active: int) -> dict[str, object]:
         return {
             "sessions": {
                 "admitted": self.admitted,
+                "resumed": self.resumed,
                 "active": active,
                 "refused": dict(self.refused),
                 "closed": {str(k): v for k, v in self.closed.items()},
@@ -60,6 +72,7 @@ class EdgeStats:
             "segments": self.segments,
             "finals": self.finals,
             "errors": self.errors,
+            "publish_retries": self.publish_retries,
         }
 
 
@@ -68,6 +81,7 @@ auth_key = web.AppKey("auth", Authenticator)
 secret_key = web.AppKey("secret", bytes)
 admission_key = web.AppKey("admission", Admission)
 tenants_key = web.AppKey("tenants", Counter)
+store_key = web.AppKey("store", SessionStore)
 
 
 def refuse(
@@ -111,41 +125,88 @@ async def stream_handler(request: web.Request) -> web.StreamResponse:
             "your tenant is at its connection limit",
             retry_after=1,
         )
+    edge_id = app[edge_id_key]
+    store = app[store_key]
+    missed: list[ResultMessage] = []
+    owed: list[int] = []
+    resume = request.query.get("resume")
+    if resume:
+        try:
+            session_id = verify_resume_token(app[secret_key], resume, principal.tenant)
+            record = await store.for_resume(session_id, principal.tenant, settings.resume_window_s)
+            after = int(request.query.get("last_segment", "-1"))
+        except AuthError as exc:
+            return refuse(request, exc.status, exc.reason, exc.message)
+        except ResumeRefused as exc:
+            return refuse(request, exc.status, exc.reason, exc.message)
+        except ValueError:
+            return refuse(request, 400, "bad_last_segment", "last_segment must be an integer")
+        stored = await stored_results(app[nats_key].jetstream(), session_id)
+        missed = sorted((r for r in stored if r.segment > after), key=lambda r: r.segment)
+        have = {r.segment for r in stored}
+        owed = [n for n in range(after + 1, record.next_segment) if n not in have]
+        record.edge_id = edge_id
+        record.state = "open"
+        context = [r.text for r in sorted(stored, key=lambda r: r.segment) if isinstance(r, Result)]
+    else:
+        session_id = secrets.token_urlsafe(12)
+        record = SessionRecord(
+            session_id=session_id,
+            tenant=principal.tenant,
+            edge_id=edge_id,
+            sample_rate=params.sample_rate,
+            language=params.language,
+            framing=params.framing,
+        )
+        context = []
     ws = web.WebSocketResponse(
         max_msg_size=settings.max_frame_bytes,
         heartbeat=settings.heartbeat_s,
         autoping=True,
     )
-    session_id = secrets.token_urlsafe(12)
     session = Session(
         ws=ws,
         js=app[nats_key].jetstream(),
+        store=store,
         settings=settings,
         params=params,
-        edge_id=app[edge_id_key],
-        session_id=session_id,
+        record=record,
         resume_token=mint_resume_token(
-            app[secret_key], principal.tenant, session_id, settings.resume_window_s
+            app[secret_key],
+            principal.tenant,
+            session_id,
+            settings.max_session_s + settings.resume_window_s,
         ),
-        tenant=principal.tenant,
     )
+    for text in context[-5:]:
+        session.remember(text)
+    session.expect(owed)
     stats = app[stats_key]
     router = app[router_key]
+    previous = router.sessions.get(session_id)
     tenants[principal.tenant] += 1
     app[sessions_key].add(session)
     router.register(session)
     try:
+        if previous is not None:
+            await previous.abort(
+                WSCloseCode.POLICY_VIOLATION, "session resumed on another connection"
+            )
         await ws.prepare(request)
+        await store.put(record)
         stats.admitted += 1
+        if resume:
+            stats.resumed += 1
         log.info(
-            "session %s opened (tenant %s, %d Hz, %s, %s)",
+            "session %s %s (tenant %s, %d Hz, %s, %s)",
             session.id,
+            "resumed" if resume else "opened",
             principal.tenant,
             params.sample_rate,
             params.language,
             params.framing,
         )
-        await session.run()
+        await session.run(before_read=missed)
     finally:
         router.unregister(session)
         app[sessions_key].discard(session)
@@ -156,6 +217,7 @@ async def stream_handler(request: web.Request) -> web.StreamResponse:
         stats.segments += session.counters.segments
         stats.finals += session.counters.finals
         stats.errors += session.counters.errors
+        stats.publish_retries += session.counters.publish_retries
         log.info("session %s closed %s: %s", session.id, ws.close_code, session.counters)
     return ws
 
@@ -197,16 +259,20 @@ async def index(request: web.Request) -> web.StreamResponse:
     return web.FileResponse(page)
 
 
-def _nats_ctx(settings: EdgeSettings, nc: NATS | None):  # type: ignore[no-untyped-def]
+def _nats_ctx(settings: EdgeSettings):  # type: ignore[no-untyped-def]
     async def ctx(app: web.Application) -> AsyncIterator[None]:
-        own = nc is None
-        conn = (
-            nc
-            if nc is not None
-            else await connect(settings.nats_url, f"escapement-edge-{app[edge_id_key]}")
+        router: ResultRouter | None = None
+
+        def reconnected() -> None:
+            if router is not None:
+                router.reconnected()
+
+        conn = await connect(
+            settings.nats_url, f"escapement-edge-{app[edge_id_key]}", on_reconnect=reconnected
         )
         app[nats_key] = conn
-        router = ResultRouter(conn, app[edge_id_key])
+        app[store_key] = SessionStore(conn)
+        router = ResultRouter(conn, app[edge_id_key], settings.recheck_after_s)
         await router.start()
         app[router_key] = router
         admission = Admission(
@@ -244,19 +310,24 @@ def _nats_ctx(settings: EdgeSettings, nc: NATS | None):  # type: ignore[no-untyp
         await admission.stop()
         await service.stop()
         await router.stop()
-        if own:
-            try:
-                await asyncio.wait_for(conn.drain(), timeout=5)
-            except TimeoutError:
-                await conn.close()
+        try:
+            await asyncio.wait_for(conn.drain(), timeout=5)
+        except TimeoutError:
+            await conn.close()
 
     return ctx
 
 
-async def _close_sessions(app: web.Application) -> None:
+async def _drain_sessions(app: web.Application) -> None:
+    """Shutdown: refuse new sessions, give open ones `drain_s` to get what is owed, then 1001."""
     if admission_key in app:
         app[admission_key].draining = True
-    await asyncio.gather(*(s.abort() for s in list(app[sessions_key])), return_exceptions=True)
+    sessions = list(app[sessions_key])
+    if sessions:
+        log.info("draining %d session(s) for up to %.0fs", len(sessions), app[settings_key].drain_s)
+    await asyncio.gather(
+        *(s.drain(app[settings_key].drain_s) for s in sessions), return_exceptions=True
+    )
 
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -293,8 +364,8 @@ def make_runner(app: web.Application) -> web.AppRunner:
     return web.AppRunner(app, handle_signals=False, keepalive_timeout=settings.handshake_timeout_s)
 
 
-def create_app(settings: EdgeSettings, nc: NATS | None = None) -> web.Application:
-    """The edge. Pass `nc` to share a connection (tests); otherwise it connects to settings.nats_url."""
+def create_app(settings: EdgeSettings) -> web.Application:
+    """The edge, connecting to settings.nats_url when it starts."""
     app = web.Application()
     app[settings_key] = settings
     app[edge_id_key] = subjects.check_token(settings.edge_id or f"edge-{secrets.token_hex(4)}")
@@ -302,8 +373,8 @@ def create_app(settings: EdgeSettings, nc: NATS | None = None) -> web.Applicatio
     app[stats_key] = EdgeStats()
     app[tenants_key] = Counter()
     app[auth_key], app[secret_key] = _auth_setup(settings)
-    app.cleanup_ctx.append(_nats_ctx(settings, nc))
-    app.on_shutdown.append(_close_sessions)
+    app.cleanup_ctx.append(_nats_ctx(settings))
+    app.on_shutdown.append(_drain_sessions)
     app.router.add_get("/v1/stream", stream_handler)
     app.router.add_get("/v1/stats", stats_handler)
     app.router.add_get("/healthz", healthz)

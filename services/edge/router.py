@@ -1,40 +1,68 @@
-"""Results back to sockets: ONE wildcard subscription per edge, routed by session id."""
+"""Results back to sockets: ONE wildcard subscription per edge, routed by session id.
+
+Core NATS delivers at most once: a result published while this edge was
+reconnecting never reaches it. Results are also stored on ASR_TRANSCRIPTS, so
+after a reconnect, and for any result owed longer than `recheck_after_s`, the
+router looks the session's results up there; the session's dedup makes the
+second copy harmless.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 
 import msgspec
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.errors import Error as NatsError
 
 from jetstream import subjects
 from schemas.pipeline import decode_result
+from services.edge.replay import stored_results
 from services.edge.session import Session
 
 log = logging.getLogger(__name__)
 
 
 class ResultRouter:
-    def __init__(self, nc: NATS, edge_id: str) -> None:
+    def __init__(self, nc: NATS, edge_id: str, recheck_after_s: float = 20.0) -> None:
         self.nc = nc
         self.edge_id = edge_id
+        self.recheck_after_s = recheck_after_s
         self.sessions: dict[str, Session] = {}
         self._sub: Subscription | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        self._sweep_now = asyncio.Event()
         self.unroutable = 0
+        self.recovered = 0
 
     async def start(self) -> None:
         self._sub = await self.nc.subscribe(
             subjects.results_for_edge(self.edge_id), cb=self._on_msg
         )
+        self._sweeper = asyncio.create_task(self._sweep_loop(), name="result-sweeper")
 
     async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
         if self._sub is not None:
-            await self._sub.unsubscribe()
+            with contextlib.suppress(NatsError):
+                await self._sub.unsubscribe()
             self._sub = None
 
+    def reconnected(self) -> None:
+        """Call after a NATS reconnect: results may have been missed meanwhile."""
+        self._sweep_now.set()
+
     def register(self, session: Session) -> None:
+        old = self.sessions.get(session.id)
+        if old is not None and old is not session:
+            old.superseded = True  # resumed on a new socket
         self.sessions[session.id] = session
 
     def unregister(self, session: Session) -> None:
@@ -56,3 +84,27 @@ class ResultRouter:
             log.warning("result for %s arrived on %s; dropped", result.session_id, msg.subject)
             return
         session.on_result(result)
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._sweep_now.wait(), timeout=2.0)
+            everyone = self._sweep_now.is_set()
+            self._sweep_now.clear()
+            for session in list(self.sessions.values()):
+                if not session.outstanding:
+                    continue
+                if everyone or session.stale(self.recheck_after_s):
+                    await self.recover(session)
+
+    async def recover(self, session: Session) -> None:
+        """Deliver any stored result the session still waits for."""
+        try:
+            results = await stored_results(self.nc.jetstream(), session.id)
+        except (NatsError, TimeoutError) as exc:
+            log.debug("recovering results of %s failed: %r", session.id, exc)
+            return
+        for result in sorted(results, key=lambda r: r.segment):
+            if result.segment in session.outstanding:
+                self.recovered += 1
+                session.on_result(result)

@@ -1,8 +1,11 @@
 """One device session: socket frames in, segments out, events back.
 
-The session owns its timeline (chunk repair), its segmenter (VAD), the set of
-segments it published and still waits on, and an outbox drained by one writer
-task, so a slow socket never blocks the edge's result routing.
+The session owns its timeline (chunk repair), its segmenter (VAD), the
+segments it queued and still waits on, and two tasks: a writer that drains the
+outbox to the socket (a slow socket never blocks result routing) and a
+publisher that queues segments on JetStream in order, retrying through a NATS
+outage for up to `outage_buffer_s` (the device is told which segment failed if
+the outage outlasts that). Reading the socket never waits on NATS.
 """
 
 from __future__ import annotations
@@ -23,9 +26,17 @@ from nats.js.errors import APIError
 from jetstream import subjects
 from observability.tracing import get_tracer, inject_headers
 from schemas import device as ev
-from schemas.pipeline import ErrorResult, Result, ResultMessage, Segment, encode_segment
+from schemas.pipeline import (
+    ErrorResult,
+    Result,
+    ResultMessage,
+    Segment,
+    SessionRecord,
+    encode_segment,
+)
 from services.edge.params import StreamParams
 from services.edge.settings import EdgeSettings
+from services.edge.store import SessionStore
 from services.edge.timeline import Timeline
 from services.edge.vad import Discarded, Segmenter, SpeechStart, Utterance, VadConfig
 
@@ -54,6 +65,37 @@ class SessionCounters:
     finals: int = 0
     errors: int = 0
     throttled_s: float = 0.0
+    publish_retries: int = 0
+
+
+class Delivered:
+    """Which segments the device has been given, in bounded memory.
+
+    Everything below `floor` was delivered; `above` holds the few delivered
+    out of order beyond it. Memory stays O(segments in flight), not O(session).
+    """
+
+    def __init__(self, floor: int = 0) -> None:
+        self.floor = floor
+        self.above: set[int] = set()
+
+    def __contains__(self, number: int) -> bool:
+        return number < self.floor or number in self.above
+
+    def add(self, number: int) -> None:
+        if number < self.floor:
+            return
+        self.above.add(number)
+        while self.floor in self.above:
+            self.above.discard(self.floor)
+            self.floor += 1
+
+
+@dataclass(frozen=True, slots=True)
+class _Queued:
+    number: int
+    segment: Segment
+    queued_at: float
 
 
 class Session:
@@ -61,22 +103,24 @@ class Session:
         self,
         ws: web.WebSocketResponse,
         js: JetStreamContext,
+        store: SessionStore,
         settings: EdgeSettings,
         params: StreamParams,
-        edge_id: str,
-        session_id: str,
+        record: SessionRecord,
         resume_token: str,
-        tenant: str,
     ) -> None:
         self.ws = ws
         self.js = js
+        self.store = store
         self.settings = settings
         self.params = params
-        self.edge_id = edge_id
-        self.id = session_id
+        self.record = record
+        self.id = record.session_id
+        self.edge_id = record.edge_id
+        self.tenant = record.tenant
         self.resume_token = resume_token
-        self.tenant = tenant
         self.counters = SessionCounters()
+        self.offset_ms = record.position_ms  # a resumed session goes on where it stopped
         self.segmenter = Segmenter(
             params.sample_rate,
             VadConfig(
@@ -93,17 +137,22 @@ class Session:
             if params.framing == "msgpack"
             else None
         )
-        self._next_segment = 0
-        self.outstanding: set[int] = set()
-        self._delivered: set[int] = set()
+        self._next_segment = record.next_segment
+        self.outstanding: dict[int, float] = {}  # segment -> when it was queued (monotonic)
+        self.delivered = Delivered()
         self._settled = asyncio.Event()
         self._settled.set()
         self._recent: deque[str] = deque()
         self._recent_len = 0
         self._outbox: asyncio.Queue[ev.ServerEvent | None] = asyncio.Queue()
-        self._writer: asyncio.Task[None] | None = None
+        self._pubq: asyncio.Queue[_Queued | None] = asyncio.Queue()
+        self._pub_bytes = 0
+        self._tasks: list[asyncio.Task[None]] = []
         self.started = time.monotonic()
         self._audio_s = 0.0
+        self._fed_bytes = 0
+        self.closed_normally = False
+        self.superseded = False  # resumed on another socket: that one owns the record now
 
     # --- outbound -----------------------------------------------------------
 
@@ -122,13 +171,13 @@ class Session:
             except ConnectionError:
                 log.info("session %s: socket gone while sending", self.id)
 
-    # --- results from workers (called by the router) -------------------------
+    # --- results from workers (called by the router or a replay) -------------
 
     def on_result(self, result: ResultMessage) -> None:
         number = result.segment
-        if number in self._delivered:
+        if number in self.delivered:
             return  # a redelivered segment transcribed twice: the device sees it once
-        self._delivered.add(number)
+        self.delivered.add(number)
         if isinstance(result, Result):
             self.counters.finals += 1
             self.send(
@@ -142,18 +191,31 @@ class Session:
                     inference_ms=result.inference_ms,
                 )
             )
-            self._remember(result.text)
+            self.remember(result.text)
         elif isinstance(result, ErrorResult):
             self.counters.errors += 1
             self.send(ev.Error(code=result.code, message=result.message, segment=number))
         self._settle(number)
 
+    def expect(self, numbers: list[int], since: float = 0.0) -> None:
+        """Results for these segments are owed to the device (a resumed session's in-flight ones)."""
+        for n in numbers:
+            if n not in self.delivered:
+                self.outstanding[n] = since
+        if self.outstanding:
+            self._settled.clear()
+
+    def stale(self, older_than_s: float) -> bool:
+        """Some result has been owed for longer than this: worth looking it up in the store."""
+        now = time.monotonic()
+        return any(now - t > older_than_s for t in self.outstanding.values())
+
     def _settle(self, number: int) -> None:
-        self.outstanding.discard(number)
+        self.outstanding.pop(number, None)
         if not self.outstanding:
             self._settled.set()
 
-    def _remember(self, text: str) -> None:
+    def remember(self, text: str) -> None:
         if not text:
             return
         self._recent.append(text)
@@ -165,11 +227,21 @@ class Session:
     def prompt(self) -> str:
         return " ".join(self._recent)[-self.settings.prompt_chars :]
 
-    # --- inbound ------------------------------------------------------------
+    @property
+    def position_ms(self) -> int:
+        return self.offset_ms + self._fed_bytes * 1000 // (2 * self.params.sample_rate)
 
-    async def run(self) -> None:
-        """Serve the socket until it closes; always leaves it closed."""
-        self._writer = asyncio.create_task(self._write_loop(), name=f"writer-{self.id}")
+    # --- lifecycle ------------------------------------------------------------
+
+    async def run(self, before_read: list[ResultMessage] | None = None) -> None:
+        """Serve the socket until it closes; always leaves it closed.
+
+        `before_read`: stored results a resumed device missed, sent first, in order.
+        """
+        self._tasks = [
+            asyncio.create_task(self._publish_loop(), name=f"publisher-{self.id}"),
+            asyncio.create_task(self._write_loop(), name=f"writer-{self.id}"),
+        ]
         self.send(
             ev.SessionStarted(
                 session_id=self.id,
@@ -178,6 +250,8 @@ class Session:
                 language=self.params.language,
             )
         )
+        for result in before_read or []:
+            self.on_result(result)
         code, reason = WSCloseCode.OK, "bye"
         try:
             code, reason = await self._read_loop()
@@ -188,18 +262,27 @@ class Session:
             await self._close(code, reason)
 
     async def _read_loop(self) -> tuple[int, str]:
+        idle = self.settings.idle_timeout_s
         while True:
-            try:
-                msg = await self.ws.receive(timeout=self.settings.idle_timeout_s)
-            except TimeoutError:
+            left = self.settings.max_session_s - (time.monotonic() - self.started)
+            if left <= 0:
+                await self._flush()
+                await self._wait_settled()
                 return (
-                    CLOSE_IDLE,
-                    f"idle: no audio or KeepAlive for {self.settings.idle_timeout_s:g} s",
+                    WSCloseCode.POLICY_VIOLATION,
+                    f"max session length {self.settings.max_session_s:g} s reached",
                 )
+            try:
+                msg = await self.ws.receive(timeout=min(idle, left))
+            except TimeoutError:
+                if left <= idle:
+                    continue  # the session's time is up: handled at the top
+                return CLOSE_IDLE, f"idle: no audio or KeepAlive for {idle:g} s"
             if msg.type == WSMsgType.BINARY:
                 await self._on_audio(msg.data)
             elif msg.type == WSMsgType.TEXT:
                 if await self._on_control(msg.data):
+                    self.closed_normally = True
                     return WSCloseCode.OK, "CloseStream: all finals sent"
             elif msg.type == WSMsgType.ERROR:
                 exc = self.ws.exception()
@@ -207,6 +290,41 @@ class Session:
                 raise ProtocolError(code, f"bad frame: {exc}")
             else:  # CLOSE, CLOSING, CLOSED: the device hung up
                 return WSCloseCode.OK, "closed by client"
+
+    async def _close(self, code: int, reason: str) -> None:
+        # Segments already heard are queued even if the device is gone: it may resume.
+        self._pubq.put_nowait(None)
+        publisher, writer = self._tasks
+        await _finish(publisher, self.settings.outage_buffer_s + self.settings.publish_timeout_s)
+        if not self.superseded:
+            await self._save(state="closed" if self.closed_normally else "detached")
+        self._outbox.put_nowait(None)
+        await _finish(writer, 5.0)
+        if not self.ws.closed:
+            await self.ws.close(code=code, message=reason.encode()[:MAX_REASON])
+
+    async def drain(self, deadline_s: float) -> None:
+        """Edge shutdown: queue what was heard, deliver what is owed (bounded), then 1001."""
+        await self._flush()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._settled.wait(), timeout=deadline_s)
+        await self.abort(WSCloseCode.GOING_AWAY, "edge shutting down")
+
+    async def abort(
+        self, code: int = WSCloseCode.GOING_AWAY, reason: str = "edge shutting down"
+    ) -> None:
+        if not self.ws.closed:
+            await self.ws.close(code=code, message=reason.encode()[:MAX_REASON])
+
+    async def _save(self, state: str = "open") -> None:
+        record = self.record
+        record.next_segment = self._next_segment
+        record.position_ms = self.position_ms
+        record.state = state
+        record.detached_at = time.time() if state == "detached" else 0.0
+        await self.store.put(record)
+
+    # --- inbound --------------------------------------------------------------
 
     async def _pace(self, n_bytes: int) -> None:
         """Hold a device that sends faster than real time (beyond a burst) to the rate limit.
@@ -233,7 +351,7 @@ class Session:
                     WSCloseCode.INVALID_TEXT,
                     f"odd-length PCM frame ({len(data)} bytes); need s16le samples",
                 )
-            await self._feed(data)
+            self._feed(data)
             return
         try:
             chunk = ev.decode_chunk(data)
@@ -247,44 +365,77 @@ class Session:
                 f"invalid AudioChunk seq={chunk.seq} ({len(chunk.pcm)} bytes of pcm)",
             )
         for pcm in self.timeline.push(chunk):
-            await self._feed(pcm)
+            self._feed(pcm)
 
-    async def _feed(self, pcm: bytes) -> None:
+    def _feed(self, pcm: bytes) -> None:
+        self._fed_bytes += len(pcm)
         for event in self.segmenter.feed(pcm):
-            await self._on_vad(event)
+            self._on_vad(event)
 
-    async def _on_vad(self, event: SpeechStart | Utterance | Discarded) -> None:
+    def _on_vad(self, event: SpeechStart | Utterance | Discarded) -> None:
+        offset = self.offset_ms
         if isinstance(event, SpeechStart):
-            self.send(ev.SpeechStarted(t_ms=event.t_ms))
+            self.send(ev.SpeechStarted(t_ms=offset + event.t_ms))
         elif isinstance(event, Utterance):
             number = self._next_segment
             self._next_segment += 1
             if not event.cut:
-                self.send(ev.SpeechEnded(t_ms=event.end_ms, segment=number))
-            await self._publish(number, event)
+                self.send(ev.SpeechEnded(t_ms=offset + event.end_ms, segment=number))
+            self._enqueue(number, event)
         else:
-            self.send(ev.SpeechEnded(t_ms=event.end_ms, segment=None))
+            self.send(ev.SpeechEnded(t_ms=offset + event.end_ms, segment=None))
 
-    async def _publish(self, number: int, utt: Utterance) -> None:
+    def _enqueue(self, number: int, utt: Utterance) -> None:
         segment = Segment(
             session_id=self.id,
             edge_id=self.edge_id,
             segment=number,
-            start_ms=utt.start_ms,
-            end_ms=utt.end_ms,
+            start_ms=self.offset_ms + utt.start_ms,
+            end_ms=self.offset_ms + utt.end_ms,
             sample_rate=self.params.sample_rate,
             pcm=utt.pcm,
             language=self.params.language,
             prompt=self.prompt,
             tenant=self.tenant,
         )
+        self.outstanding[number] = time.monotonic()
+        self._settled.clear()
+        if self._pub_bytes + len(utt.pcm) > self.settings.publish_buffer_bytes:
+            self._give_up(
+                number, "publish_buffer_full", f"segment {number} could not be queued: buffer full"
+            )
+            return
+        self._pub_bytes += len(utt.pcm)
+        self._pubq.put_nowait(_Queued(number, segment, time.monotonic()))
+
+    def _give_up(self, number: int, code: str, message: str) -> None:
+        log.warning("session %s: %s", self.id, message)
+        self.counters.errors += 1
+        self.send(ev.Error(code=code, message=message, segment=number))
+        self._settle(number)
+
+    async def _publish_loop(self) -> None:
+        while True:
+            item = await self._pubq.get()
+            if item is None:
+                return
+            try:
+                await self._publish(item)
+            finally:
+                self._pub_bytes -= len(item.segment.pcm)
+            if not self.superseded:
+                await self._save()
+
+    async def _publish(self, item: _Queued) -> None:
+        """Queue one segment on JetStream; retry through an outage (dedup makes retries safe)."""
+        number, segment = item.number, item.segment
         headers = {
             subjects.Header.MSG_ID: subjects.segment_msg_id(self.id, number),
             subjects.Header.TENANT: self.tenant,
             subjects.Header.SESSION: self.id,
         }
-        self.outstanding.add(number)
-        self._settled.clear()
+        payload = encode_segment(segment)
+        subject = subjects.segments_subject(self.edge_id, self.id)
         with tracer.start_as_current_span(
             "segment.publish",
             attributes={
@@ -294,38 +445,36 @@ class Session:
             },
         ):
             inject_headers(headers)
-            try:
-                await self.js.publish(
-                    subjects.segments_subject(self.edge_id, self.id),
-                    encode_segment(segment),
-                    headers=headers,
-                    timeout=self.settings.publish_timeout_s,
-                )
-            except APIError as exc:
-                log.warning(
-                    "session %s: segment %d refused by JetStream: %s",
-                    self.id,
-                    number,
-                    exc.description,
-                )
-                self.send(
-                    ev.Overloaded(
-                        message=f"queue refused segment {number}: {exc.description}", segment=number
+            while True:
+                try:
+                    await self.js.publish(
+                        subject, payload, headers=headers, timeout=self.settings.publish_timeout_s
                     )
-                )
-                self._settle(number)
-                return
-            except (NatsError, TimeoutError) as exc:
-                log.warning("session %s: segment %d not published: %r", self.id, number, exc)
-                self.send(
-                    ev.Error(
-                        code="publish_failed",
-                        message=f"segment {number} could not be queued",
-                        segment=number,
+                    break
+                except APIError as exc:
+                    log.warning(
+                        "session %s: segment %d refused: %s", self.id, number, exc.description
                     )
-                )
-                self._settle(number)
-                return
+                    self.counters.errors += 1
+                    self.send(
+                        ev.Overloaded(
+                            message=f"the queue refused segment {number}: {exc.description}",
+                            segment=number,
+                        )
+                    )
+                    self._settle(number)
+                    return
+                except (NatsError, TimeoutError) as exc:
+                    waited = time.monotonic() - item.queued_at
+                    if waited >= self.settings.outage_buffer_s:
+                        self._give_up(
+                            number,
+                            "publish_failed",
+                            f"segment {number} could not be queued for {waited:.0f} s ({type(exc).__name__})",
+                        )
+                        return
+                    self.counters.publish_retries += 1
+                    await asyncio.sleep(min(0.5, self.settings.outage_buffer_s - waited))
         self.counters.segments += 1
 
     async def _on_control(self, text: str) -> bool:
@@ -350,9 +499,9 @@ class Session:
     async def _flush(self) -> None:
         if self.timeline is not None:
             for pcm in self.timeline.flush():
-                await self._feed(pcm)
+                self._feed(pcm)
         for event in self.segmenter.flush():
-            await self._on_vad(event)
+            self._on_vad(event)
 
     async def _wait_settled(self) -> None:
         try:
@@ -366,19 +515,12 @@ class Session:
                 )
             )
 
-    async def _close(self, code: int, reason: str) -> None:
-        self._outbox.put_nowait(None)
-        if self._writer is not None:
-            try:
-                await asyncio.wait_for(asyncio.shield(self._writer), timeout=5)
-            except TimeoutError:
-                self._writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._writer
-        if not self.ws.closed:
-            await self.ws.close(code=code, message=reason.encode()[:MAX_REASON])
 
-    async def abort(self) -> None:
-        """Edge shutdown: close with 1001 Going Away."""
-        if not self.ws.closed:
-            await self.ws.close(code=WSCloseCode.GOING_AWAY, message=b"edge shutting down")
+async def _finish(task: asyncio.Task[None], within_s: float) -> None:
+    """Let a session task end by itself within `within_s`, else cancel it."""
+    try:
+        await asyncio.wait_for(asyncio.shield(task), timeout=within_s)
+    except TimeoutError:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
