@@ -7,6 +7,7 @@ accept (durations in nanoseconds), so operators can apply them by hand too.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
 import logging
@@ -14,9 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js import api as js_api
-from nats.js.errors import APIError, NotFoundError
+from nats.js.errors import APIError, NotFoundError, ServiceUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +42,10 @@ class IncompatibleDefinition(RuntimeError):
             f"{field}={wanted!r}; this cannot be changed in place. Delete it (nats {kind} rm "
             f"{name}) after draining it, or use a fresh data dir."
         )
+
+
+class JetStreamUnavailable(RuntimeError):
+    """The server has no JetStream (not enabled, or a cluster without a leader)."""
 
 
 @dataclass(frozen=True)
@@ -117,12 +124,29 @@ async def apply_consumer(
         ) from exc
 
 
-async def apply_all(js: JetStreamContext, replicas: int | None = None) -> None:
-    """Create or update every stream, then every consumer."""
-    for definition in stream_definitions():
-        await apply_stream(js, definition, replicas=replicas)
-    for consumer in consumer_definitions():
-        await apply_consumer(js, consumer)
+async def apply_all(
+    js: JetStreamContext, replicas: int | None = None, wait_s: float = 30.0
+) -> None:
+    """Create or update every stream, then every consumer.
+
+    A cluster that is still electing its JetStream leader answers "unavailable"
+    for a few seconds: that is waited out for up to `wait_s`.
+    """
+    deadline = asyncio.get_running_loop().time() + wait_s
+    while True:
+        try:
+            for definition in stream_definitions():
+                await apply_stream(js, definition, replicas=replicas or None)
+            for consumer in consumer_definitions():
+                await apply_consumer(js, consumer)
+            return
+        except (ServiceUnavailableError, NoRespondersError, NatsTimeoutError) as exc:
+            if asyncio.get_running_loop().time() >= deadline:
+                raise JetStreamUnavailable(
+                    f"JetStream not available after {wait_s:g} s: {exc!r}"
+                ) from exc
+            log.info("JetStream not ready yet (%s); waiting", type(exc).__name__)
+            await asyncio.sleep(0.5)
 
 
 async def streams_exist(js: JetStreamContext) -> bool:

@@ -22,7 +22,7 @@ import platformdirs
 from aiohttp import web
 
 from jetstream import subjects
-from jetstream.setup import IncompatibleDefinition, apply_all
+from jetstream.setup import IncompatibleDefinition, JetStreamUnavailable, apply_all
 from observability.logging import setup_logging
 from services.config import from_env
 from services.discovery import ping_services
@@ -124,9 +124,10 @@ async def _up(opts: UpOptions) -> int:
     nc = None
     try:
         nc = await connect(nats_url, "escapement-up")
+        replicas = int(os.environ.get("ESCAPEMENT_STREAM_REPLICAS", "0") or 0)
         try:
-            await apply_all(nc.jetstream())
-        except IncompatibleDefinition as exc:
+            await apply_all(nc.jetstream(), replicas=replicas)
+        except (IncompatibleDefinition, JetStreamUnavailable) as exc:
             log.error("%s", exc)
             return 1
 
@@ -165,7 +166,7 @@ async def _up(opts: UpOptions) -> int:
             log.error("%s", exc)
             return 1
         await runner.setup()
-        site = web.TCPSite(runner, opts.host, opts.port)
+        site = web.TCPSite(runner, opts.host, opts.port, backlog=settings.listen_backlog)
         try:
             await site.start()
         except OSError as exc:

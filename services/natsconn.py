@@ -14,9 +14,19 @@ log = logging.getLogger(__name__)
 
 
 async def connect(
-    url: str, name: str, on_reconnect: Callable[[], None] | None = None, **options: object
+    url: str,
+    name: str,
+    on_reconnect: Callable[[], None] | None = None,
+    creds: str = "",
+    **options: object,
 ) -> NATS:
-    """Connect with endless reconnects; errors inside callbacks are logged, not lost."""
+    """Connect with endless reconnects; errors inside callbacks are logged, not lost.
+
+    Credentials: user/password or a token in the URL (`nats://user:pass@host`,
+    `nats://token@host`), or `creds`, a .creds file (JWT + nkey seed).
+    """
+    if creds:
+        options["user_credentials"] = creds
 
     async def error_cb(exc: Exception) -> None:
         log.warning("nats (%s): %s: %s", name, type(exc).__name__, exc)

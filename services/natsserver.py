@@ -129,3 +129,60 @@ class NatsServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class NatsCluster:
+    """Three (or more) nats-servers on loopback with routes between them: a JetStream cluster."""
+
+    def __init__(self, store_dir: Path, size: int = 3, name: str = "escapement") -> None:
+        self.store_dir = Path(store_dir)
+        self.size = size
+        self.name = name
+        self.cluster_ports = [_free_port() for _ in range(size)]
+        self.servers = [
+            NatsServer(
+                self.store_dir / f"n{i}",
+                port=_free_port(),
+                extra_args=[
+                    "--cluster_name",
+                    name,
+                    "--cluster",
+                    f"nats://127.0.0.1:{self.cluster_ports[i]}",
+                    "--routes",
+                    ",".join(
+                        f"nats://127.0.0.1:{p}" for j, p in enumerate(self.cluster_ports) if j != i
+                    ),
+                ],  # fmt: skip
+                name=f"{name}-n{i}",
+            )
+            for i in range(size)
+        ]
+
+    @property
+    def url(self) -> str:
+        """All members, comma-separated: what `NATS_URL` takes."""
+        return ",".join(s.url for s in self.servers)
+
+    def start(self, timeout: float = 20.0) -> str:
+        for server in self.servers:
+            server.start(timeout)
+        return self.url
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.stop()
+
+    def __enter__(self) -> NatsCluster:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -91,7 +91,7 @@ async def run_edge(nats_url: str, **overrides: object) -> AsyncIterator[RunningE
     app = create_app(settings)
     runner = make_runner(app)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", settings.port)
+    site = web.TCPSite(runner, "127.0.0.1", settings.port, backlog=settings.listen_backlog)
     await site.start()
     try:
         yield RunningEdge(f"http://127.0.0.1:{settings.port}", app, settings)
@@ -110,7 +110,9 @@ async def edge(nc: NATS, nats_server: NatsServer) -> AsyncIterator[RunningEdge]:
 async def run_worker(
     nats_url: str, engine: WhisperEngine, **overrides: object
 ) -> AsyncIterator[Worker]:
-    conn = await nats.connect(nats_url)
+    conn = await nats.connect(
+        servers=nats_url.split(","), max_reconnect_attempts=-1, reconnect_time_wait=0.5
+    )
     worker = Worker(conn, lambda: engine, WorkerSettings(nats_url=nats_url, **overrides))  # type: ignore[arg-type]
     stop = asyncio.Event()
     task = asyncio.create_task(worker.run(stop))

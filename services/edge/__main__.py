@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
             port=settings.port,
             print=None,
             keepalive_timeout=settings.handshake_timeout_s,
+            backlog=settings.listen_backlog,
         )
     finally:
         shutdown_tracing()

@@ -17,7 +17,7 @@ from nats.micro import add_service
 from nats.micro.request import Request
 
 from jetstream import subjects
-from jetstream.setup import streams_exist
+from jetstream.setup import apply_all, streams_exist
 from schemas.device import REASON_HEADER
 from schemas.pipeline import Result, ResultMessage, SessionRecord
 from services.edge.admission import Admission, AdmissionConfig
@@ -268,9 +268,13 @@ def _nats_ctx(settings: EdgeSettings):  # type: ignore[no-untyped-def]
                 router.reconnected()
 
         conn = await connect(
-            settings.nats_url, f"escapement-edge-{app[edge_id_key]}", on_reconnect=reconnected
+            settings.nats_url,
+            f"escapement-edge-{app[edge_id_key]}",
+            on_reconnect=reconnected,
+            creds=settings.nats_creds,
         )
         app[nats_key] = conn
+        await apply_all(conn.jetstream(), replicas=settings.stream_replicas)
         app[store_key] = SessionStore(conn)
         router = ResultRouter(conn, app[edge_id_key], settings.recheck_after_s)
         await router.start()

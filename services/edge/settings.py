@@ -8,6 +8,8 @@ class EdgeSettings(msgspec.Struct, frozen=True, kw_only=True):
     host: str = "127.0.0.1"
     port: int = 8080
     edge_id: str = ""  # generated when empty; [A-Za-z0-9_-]
+    nats_creds: str = ""  # a .creds file (JWT + nkey) for NATS, if the server wants one
+    stream_replicas: int = 0  # 0: as in jetstream/streams/*.json; 3 for an R3 cluster
     default_language: str = "en"
     # VAD / utterance cutting
     vad_mode: int = 3
@@ -32,6 +34,7 @@ class EdgeSettings(msgspec.Struct, frozen=True, kw_only=True):
     resume_window_s: float = 300.0
     # limits
     max_connections: int = 2000
+    listen_backlog: int = 2048  # pending TCP connects the kernel holds (a reconnect storm)
     max_connections_per_tenant: int = 500
     handshake_timeout_s: float = 10.0
     max_session_s: float = 4 * 3600.0
