@@ -199,3 +199,24 @@ async def test_refused_client_sees_reason(nats_server, nc: NATS, http) -> None: 
             await stream_audio(http, edge.url, bytes(3200), 16000)
     assert caught.value.status == 503 and caught.value.reason == "no_workers"
     assert caught.value.retry_after and caught.value.retry_after >= 1
+
+
+async def test_queue_refusing_a_segment_tells_the_device_which(
+    nats_server, nc: NATS, http, make_test_speech
+) -> None:  # type: ignore[no-untyped-def]
+    """JetStream's own limit (discard: new) refuses; the device hears Overloaded for that segment."""
+    js = nc.jetstream()
+    speech = make_test_speech(
+        ["please turn on the lights", "set a timer", "play some music", "add milk to my list"],
+        gap_s=0.8,
+    )
+    async with run_edge(nats_server.url, require_workers=False, close_wait_s=1.0) as edge:
+        info = await js.stream_info(subjects.STREAM_SEGMENTS)  # (the edge applied the defaults)
+        info.config.max_msgs = 2
+        await js.update_stream(info.config)
+        run = await stream_audio(http, edge.url, speech.pcm, 16000, realtime=False)
+    overloaded = [r.event.segment for r in run.of_type(ev.Overloaded)]
+    ended = [r.event.segment for r in run.of_type(ev.SpeechEnded) if r.event.segment is not None]
+    assert len(ended) == 4
+    assert overloaded == ended[2:], (overloaded, ended)
+    assert run.close_code == 1000  # the session itself goes on

@@ -8,6 +8,7 @@ import sys
 from aiohttp import web
 
 from observability.logging import setup_logging
+from observability.metrics import setup_metrics, shutdown_metrics
 from observability.tracing import setup_tracing, shutdown_tracing
 from services.config import SettingsError, from_env
 from services.edge.app import EdgeConfigError, create_app
@@ -27,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     setup_logging(settings.log_level)
     setup_tracing("escapement-edge")
+    setup_metrics("escapement-edge")
     try:
         try:
             app = create_app(settings)
@@ -42,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
             backlog=settings.listen_backlog,
         )
     finally:
+        shutdown_metrics()
         shutdown_tracing()
     return 0
 

@@ -18,6 +18,7 @@ from nats.micro.request import Request
 
 from jetstream import subjects
 from jetstream.setup import apply_all, streams_exist
+from observability.metrics import ATTR_REASON, Metrics
 from schemas.device import REASON_HEADER
 from schemas.pipeline import Result, ResultMessage, SessionRecord
 from services.edge.admission import Admission, AdmissionConfig
@@ -82,12 +83,14 @@ secret_key = web.AppKey("secret", bytes)
 admission_key = web.AppKey("admission", Admission)
 tenants_key = web.AppKey("tenants", Counter)
 store_key = web.AppKey("store", SessionStore)
+metrics_key = web.AppKey("metrics", Metrics)
 
 
 def refuse(
     request: web.Request, status: int, reason: str, message: str, retry_after: float | None = None
 ) -> web.Response:
     request.app[stats_key].refused[reason] += 1
+    request.app[metrics_key].sessions_refused.add(1, {ATTR_REASON: reason})
     headers = {REASON_HEADER: reason}
     if retry_after is not None:
         headers["Retry-After"] = str(max(1, round(retry_after)))
@@ -171,6 +174,7 @@ async def stream_handler(request: web.Request) -> web.StreamResponse:
         settings=settings,
         params=params,
         record=record,
+        metrics=app[metrics_key],
         resume_token=mint_resume_token(
             app[secret_key],
             principal.tenant,
@@ -195,6 +199,8 @@ async def stream_handler(request: web.Request) -> web.StreamResponse:
         await ws.prepare(request)
         await store.put(record)
         stats.admitted += 1
+        app[metrics_key].sessions_admitted.add(1, {"tenant": principal.tenant})
+        app[metrics_key].sessions_active.add(1, {"tenant": principal.tenant})
         if resume:
             stats.resumed += 1
         log.info(
@@ -214,6 +220,8 @@ async def stream_handler(request: web.Request) -> web.StreamResponse:
         if tenants[principal.tenant] <= 0:
             del tenants[principal.tenant]
         stats.closed[ws.close_code or 1006] += 1
+        if ws.prepared:
+            app[metrics_key].sessions_active.add(-1, {"tenant": principal.tenant})
         stats.segments += session.counters.segments
         stats.finals += session.counters.finals
         stats.errors += session.counters.errors
@@ -375,6 +383,7 @@ def create_app(settings: EdgeSettings) -> web.Application:
     app[edge_id_key] = subjects.check_token(settings.edge_id or f"edge-{secrets.token_hex(4)}")
     app[sessions_key] = set()
     app[stats_key] = EdgeStats()
+    app[metrics_key] = Metrics()
     app[tenants_key] = Counter()
     app[auth_key], app[secret_key] = _auth_setup(settings)
     app.cleanup_ctx.append(_nats_ctx(settings))

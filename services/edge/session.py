@@ -24,6 +24,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import APIError
 
 from jetstream import subjects
+from observability.metrics import ATTR_KIND, ATTR_REASON, Metrics
 from observability.tracing import get_tracer, inject_headers
 from schemas import device as ev
 from schemas.pipeline import (
@@ -108,6 +109,7 @@ class Session:
         params: StreamParams,
         record: SessionRecord,
         resume_token: str,
+        metrics: Metrics | None = None,
     ) -> None:
         self.ws = ws
         self.js = js
@@ -120,6 +122,8 @@ class Session:
         self.tenant = record.tenant
         self.resume_token = resume_token
         self.counters = SessionCounters()
+        self.metrics = metrics or Metrics()
+        self._attrs = {"tenant": record.tenant}
         self.offset_ms = record.position_ms  # a resumed session goes on where it stopped
         self.segmenter = Segmenter(
             params.sample_rate,
@@ -178,6 +182,10 @@ class Session:
         if number in self.delivered:
             return  # a redelivered segment transcribed twice: the device sees it once
         self.delivered.add(number)
+        self.metrics.results_delivered.add(1, self._attrs)
+        queued_at = self.outstanding.get(number)
+        if queued_at:  # from the end of the utterance (when it was queued) to now
+            self.metrics.final_latency_ms.record((time.monotonic() - queued_at) * 1000, self._attrs)
         if isinstance(result, Result):
             self.counters.finals += 1
             self.send(
@@ -257,6 +265,7 @@ class Session:
             code, reason = await self._read_loop()
         except ProtocolError as exc:
             log.info("session %s: closing %d: %s", self.id, exc.code, exc.reason)
+            self.metrics.bad_input.add(1, {ATTR_KIND: str(exc.code), **self._attrs})
             code, reason = exc.code, exc.reason
         finally:
             await self._close(code, reason)
@@ -410,6 +419,7 @@ class Session:
 
     def _give_up(self, number: int, code: str, message: str) -> None:
         log.warning("session %s: %s", self.id, message)
+        self.metrics.segments_failed.add(1, {ATTR_REASON: code, **self._attrs})
         self.counters.errors += 1
         self.send(ev.Error(code=code, message=message, segment=number))
         self._settle(number)
@@ -456,6 +466,9 @@ class Session:
                         "session %s: segment %d refused: %s", self.id, number, exc.description
                     )
                     self.counters.errors += 1
+                    self.metrics.segments_failed.add(
+                        1, {ATTR_REASON: "queue_refused", **self._attrs}
+                    )
                     self.send(
                         ev.Overloaded(
                             message=f"the queue refused segment {number}: {exc.description}",
@@ -476,6 +489,7 @@ class Session:
                     self.counters.publish_retries += 1
                     await asyncio.sleep(min(0.5, self.settings.outage_buffer_s - waited))
         self.counters.segments += 1
+        self.metrics.segments_published.add(1, self._attrs)
 
     async def _on_control(self, text: str) -> bool:
         """Handle a control message; True when the session should close (CloseStream)."""
