@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 import signal
 import sys
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from services.config import from_env
 from services.discovery import ping_services
 from services.edge.app import LOOPBACK, EdgeConfigError, create_app, make_runner
 from services.edge.settings import EdgeSettings
-from services.natsconn import connect
+from services.natsconn import connect, redact
 from services.natsserver import NatsServer, NatsServerError
 
 log = logging.getLogger("escapement.up")
@@ -111,13 +112,22 @@ async def _up(opts: UpOptions) -> int:
     server: NatsServer | None = None
     nats_url = os.environ.get("NATS_URL", "")
     if not nats_url:
-        server = NatsServer(data_dir / "nats", port=opts.nats_port, host="127.0.0.1")
+        # loopback only, with credentials made for this run
+        server = NatsServer(
+            data_dir / "nats",
+            port=opts.nats_port,
+            host="127.0.0.1",
+            user="escapement",
+            password=secrets.token_urlsafe(18),
+        )
         try:
             nats_url = await asyncio.to_thread(server.start)
         except NatsServerError as exc:
             log.error("%s", exc)
             return 1
-        log.info("nats-server %s (store %s)", nats_url, server.store_dir)
+        url_file = data_dir / "nats.url"
+        _write_private(url_file, nats_url)
+        log.info("nats-server %s (store %s)", server.public_url, server.store_dir)
     workers: list[WorkerProcess] = []
     supervisors: set[asyncio.Task[None]] = set()
     runner: web.AppRunner | None = None
@@ -173,7 +183,12 @@ async def _up(opts: UpOptions) -> int:
             log.error("cannot listen on %s:%d: %s", opts.host, opts.port, exc)
             return 1
         shown = "127.0.0.1" if opts.host in ("0.0.0.0", "") else opts.host
-        print(f"Escapement is up: http://{shown}:{opts.port}/  (NATS {nats_url})", flush=True)
+        print(
+            f"Escapement is up: http://{shown}:{opts.port}/  (NATS {redact(nats_url)})", flush=True
+        )
+        if server is not None:
+            print(f"  NATS with credentials: {data_dir / 'nats.url'}", flush=True)
+            print(f'  e.g. nats --server "$(cat {data_dir / "nats.url"})" stream ls', flush=True)
         print(
             f"  transcribe a file: escapement transcribe FILE.wav --url http://{shown}:{opts.port}",
             flush=True,
@@ -220,13 +235,18 @@ def load_or_make_secret(data_dir: Path) -> str:
     """The edge's token secret, kept in the data dir (0600) so minted tokens survive restarts."""
     path = data_dir / SECRET_FILE
     if not path.exists():
-        import secrets
-
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(secrets.token_urlsafe(32))
-        tmp.chmod(0o600)
-        tmp.replace(path)
+        _write_private(path, secrets.token_urlsafe(32))
     return path.read_text().strip()
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write a file only its owner can read, atomically."""
+    tmp = path.with_suffix(".tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    tmp.replace(path)
 
 
 def default_data_dir() -> Path:

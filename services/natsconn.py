@@ -40,7 +40,7 @@ async def connect(
         log.info(
             "nats (%s): reconnected to %s",
             name,
-            nc.connected_url.netloc if nc.connected_url else "?",
+            f"{nc.connected_url.hostname}:{nc.connected_url.port}" if nc.connected_url else "?",
         )
 
     nc = await nats.connect(
@@ -55,3 +55,14 @@ async def connect(
         **options,  # type: ignore[arg-type]
     )
     return nc
+
+
+def redact(url: str) -> str:
+    """A NATS URL (or several) fit for logs: credentials replaced by ***."""
+    out = []
+    for one in url.split(","):
+        scheme, sep, rest = one.partition("://")
+        if sep and "@" in rest:
+            rest = "***@" + rest.rsplit("@", 1)[1]
+        out.append(f"{scheme}{sep}{rest}")
+    return ",".join(out)

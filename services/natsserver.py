@@ -53,20 +53,30 @@ class NatsServer:
         host: str = "127.0.0.1",
         extra_args: list[str] | None = None,
         name: str = "escapement",
+        user: str = "",
+        password: str = "",
     ) -> None:
         self.store_dir = Path(store_dir)
         self.host = host
         self.requested_port = port
         self.extra_args = extra_args or []
         self.name = name
+        self.user, self.password = user, password
         self.port: int | None = None
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = self.store_dir / "nats-server.log"
 
     @property
     def url(self) -> str:
+        """The client URL, with the credentials when the server has them."""
         if self.port is None:
             raise NatsServerError("nats-server not started")
+        auth = f"{self.user}:{self.password}@" if self.user else ""
+        return f"nats://{auth}{self.host}:{self.port}"
+
+    @property
+    def public_url(self) -> str:
+        """The client URL without credentials, for logs."""
         return f"nats://{self.host}:{self.port}"
 
     def start(self, timeout: float = 15.0) -> str:
@@ -78,6 +88,7 @@ class NatsServer:
             "-js",
             "-sd", str(self.store_dir / "jetstream"),
             "-n", self.name,
+            *(["--user", self.user, "--pass", self.password] if self.user else []),
             *self.extra_args,
         ]  # fmt: skip
         log_file = self.log_path.open("ab")

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import nats
 import psutil
 import pytest
 
@@ -96,6 +99,11 @@ def wav(tmp_path: Path, make_test_speech) -> tuple[Path, str]:  # type: ignore[n
     return path, speech.text
 
 
+async def _connect_and_close(url: str) -> None:
+    nc = await nats.connect(url, allow_reconnect=False)
+    await nc.close()
+
+
 def transcribe(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [*ESCAPEMENT, "transcribe", *args], capture_output=True, text=True, timeout=120
@@ -113,9 +121,20 @@ def up(tmp_path: Path) -> Iterator[Up]:
         running.stop()
 
 
-def test_up_transcribe_and_clean_stop(up: Up, wav: tuple[Path, str]) -> None:
+def test_up_transcribe_and_clean_stop(up: Up, wav: tuple[Path, str], tmp_path: Path) -> None:
     path, text = wav
     assert any("Escapement is up" in line for line in up.lines)
+    # the embedded nats-server wants the generated credentials, which are never printed
+    url = (tmp_path / "data" / "nats.url").read_text()
+    password = url.split("://", 1)[1].split("@", 1)[0].split(":", 1)[1]
+    assert password and not any(password in line for line in up.lines)
+    assert (tmp_path / "data" / "nats.url").stat().st_mode & 0o077 == 0
+    host, port = url.rsplit("@", 1)[1].split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as raw:  # no credentials
+        raw.recv(4096)  # INFO
+        raw.sendall(b'CONNECT {"verbose":false}\r\nPING\r\n')
+        assert b"Authorization Violation" in raw.recv(4096)
+    asyncio.run(_connect_and_close(url))
     done = transcribe(str(path), "--url", up.url, "--fast")
     assert done.returncode == 0, done.stderr
     finals = [line.split("] ", 1)[1] for line in done.stdout.splitlines() if line.startswith("[")]
