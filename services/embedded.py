@@ -22,12 +22,10 @@ from pathlib import Path
 import platformdirs
 from aiohttp import web
 
-from jetstream import subjects
 from jetstream.setup import IncompatibleDefinition, JetStreamUnavailable, apply_all
 from observability.logging import setup_logging
 from services.config import from_env
-from services.discovery import ping_services
-from services.edge.app import LOOPBACK, EdgeConfigError, create_app, make_runner
+from services.edge.app import LOOPBACK, EdgeConfigError, admission_key, create_app, make_runner
 from services.edge.settings import EdgeSettings
 from services.natsconn import connect, redact
 from services.natsserver import NatsServer, NatsServerError
@@ -171,7 +169,8 @@ async def _up(opts: UpOptions) -> int:
             else load_or_make_secret(data_dir),
         )
         try:
-            runner = make_runner(create_app(settings))
+            app = create_app(settings)
+            runner = make_runner(app)
         except EdgeConfigError as exc:
             log.error("%s", exc)
             return 1
@@ -194,7 +193,7 @@ async def _up(opts: UpOptions) -> int:
             flush=True,
         )
         print("  Ctrl-C to stop", flush=True)
-        waiter = asyncio.create_task(_announce_workers(nc, opts.workers, stopping))
+        waiter = asyncio.create_task(_announce_workers(app, opts.workers, stopping))
         await stopping.wait()
         waiter.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -216,14 +215,16 @@ async def _up(opts: UpOptions) -> int:
         log.info("stopped")
 
 
-async def _announce_workers(nc, expected: int, stopping: asyncio.Event) -> None:  # type: ignore[no-untyped-def]
+async def _announce_workers(app: web.Application, expected: int, stopping: asyncio.Event) -> None:
+    """Say when the workers are up, once the edge's admission has seen them too."""
+    admission = app[admission_key]
     if expected == 0:
-        log.info("no workers: segments will wait in the queue")
+        log.info("no workers: new sessions are refused (no_workers)")
         return
     while not stopping.is_set():
-        found = len(await ping_services(nc, subjects.WORKER_SERVICE))
-        if found >= expected:
-            log.info("%d worker(s) ready", found)
+        await admission.refresh_workers()
+        if admission.workers >= expected:
+            log.info("%d worker(s) ready", admission.workers)
             return
         await asyncio.sleep(0.5)
 

@@ -86,7 +86,7 @@ class RunningEdge:
 
 @contextlib.asynccontextmanager
 async def run_edge(nats_url: str, **overrides: object) -> AsyncIterator[RunningEdge]:
-    options: dict[str, object] = {"auth_enabled": False, **overrides}
+    options: dict[str, object] = {"auth_enabled": False, "max_sessions_per_worker": 0, **overrides}
     settings = EdgeSettings(nats_url=nats_url, port=free_port(), **options)  # type: ignore[arg-type]
     app = create_app(settings)
     runner = make_runner(app)

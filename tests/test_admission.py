@@ -220,3 +220,20 @@ async def test_queue_refusing_a_segment_tells_the_device_which(
     assert len(ended) == 4
     assert overloaded == ended[2:], (overloaded, ended)
     assert run.close_code == 1000  # the session itself goes on
+
+
+async def test_sessions_per_worker_cap_refuses_before_a_backlog(
+    nats_server, nc: NATS, engine, http
+) -> None:  # type: ignore[no-untyped-def]
+    async with (
+        run_worker(nats_server.url, engine),
+        run_edge(nats_server.url, max_sessions_per_worker=2) as edge,
+    ):
+        url = f"{edge.url}/v1/stream"
+        held = [await http.ws_connect(url), await http.ws_connect(url)]
+        status, reason, retry, took = await refusal(http, url)
+        assert (status, reason) == (503, "at_capacity") and retry
+        await held[0].close()
+        await asyncio.sleep(0.1)
+        await admitted(http, url)  # room again
+        await held[1].close()

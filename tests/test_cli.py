@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -42,6 +43,14 @@ class Up:
                 continue  # a worker that just died, not yet reaped
         return found
 
+    def kill(self) -> None:
+        """Whatever happened: the whole group (nats-server, workers) goes too."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+        if self.proc.stdout:
+            self.proc.stdout.close()
+
     def stop(self) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -70,6 +79,7 @@ def start_up(tmp_path: Path, workers: int) -> Up:
         stderr=subprocess.STDOUT,
         text=True,
         env=env,
+        start_new_session=True,  # its own process group: a failed test kills it all
     )
     assert proc.stdout is not None
     lines: list[str] = []
@@ -83,9 +93,7 @@ def start_up(tmp_path: Path, workers: int) -> Up:
             rf"{workers} worker\(s\) ready", line
         ):
             return Up(proc, f"http://127.0.0.1:{port}", lines)
-    proc.kill()
-    proc.wait()
-    proc.stdout.close()
+    Up(proc, "", lines).kill()
     raise AssertionError("escapement up did not come up:\n" + "".join(lines))
 
 
@@ -116,9 +124,7 @@ def up(tmp_path: Path) -> Iterator[Up]:
     try:
         yield running
     finally:
-        if running.proc.poll() is None:
-            running.proc.kill()
-        running.stop()
+        running.kill()
 
 
 def test_up_transcribe_and_clean_stop(up: Up, wav: tuple[Path, str], tmp_path: Path) -> None:
@@ -171,8 +177,9 @@ def test_up_without_workers_refuses_with_a_reason(tmp_path: Path, wav: tuple[Pat
         done = transcribe(str(wav[0]), "--url", up.url, "--fast")
         assert done.returncode == 3
         assert "503" in done.stderr and "no_workers" in done.stderr
-    finally:
         assert up.stop() == 0
+    finally:
+        up.kill()
 
 
 def test_transcribe_rejects_bad_files_clearly(tmp_path: Path) -> None:

@@ -5,8 +5,10 @@ pending on the workers' consumer, refreshed every `refresh_s`, never a
 JetStream call per chunk or per connect) and of the live workers (NATS micro
 discovery). `check()` answers from that view in microseconds. The backlog
 limit has hysteresis: once over the high-water mark the edge refuses until the
-backlog is back under the low-water mark. Sessions already admitted are never
-affected.
+backlog is back under the low-water mark. A cap on sessions per live worker
+refuses before the backlog builds at all (a backlog only shows overload after
+the fact; the cap keeps admitted sessions from waiting on it). Sessions
+already admitted are never affected.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from nats.aio.client import Client as NATS
@@ -29,7 +32,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True, slots=True)
 class Refusal:
     status: int
-    reason: str  # queue_full | no_workers | too_many_connections | draining | nats_unavailable
+    reason: str  # queue_full | at_capacity | no_workers | draining | nats_unavailable
     message: str
     retry_after: float
 
@@ -42,12 +45,18 @@ class AdmissionConfig:
     backlog_low_per_worker: int = 4
     require_workers: bool = True
     retry_after_s: float = 5.0
+    max_sessions_per_worker: float = (
+        0.0  # 0: no cap; else sessions this edge admits per live worker
+    )
 
 
 class Admission:
-    def __init__(self, nc: NATS, config: AdmissionConfig) -> None:
+    def __init__(
+        self, nc: NATS, config: AdmissionConfig, active_sessions: Callable[[], int] = lambda: 0
+    ) -> None:
         self.nc = nc
         self.config = config
+        self.active_sessions = active_sessions
         self.backlog = 0
         self.workers = 0
         self.full = False
@@ -114,6 +123,14 @@ class Admission:
         if cfg.require_workers and self.workers == 0:
             return Refusal(
                 503, "no_workers", "no transcription worker is running", cfg.retry_after_s
+            )
+        cap = cfg.max_sessions_per_worker * self.workers
+        if cap > 0 and self.active_sessions() >= cap:
+            return Refusal(
+                503,
+                "at_capacity",
+                f"{self.active_sessions()} sessions already for {self.workers} worker(s)",
+                cfg.retry_after_s,
             )
         if self.full:
             return Refusal(

@@ -219,14 +219,15 @@ async def stream_handler(request: web.Request) -> web.StreamResponse:
         tenants[principal.tenant] -= 1
         if tenants[principal.tenant] <= 0:
             del tenants[principal.tenant]
-        stats.closed[ws.close_code or 1006] += 1
+        code = session.close_code or ws.close_code or 1006
+        stats.closed[code] += 1
         if ws.prepared:
             app[metrics_key].sessions_active.add(-1, {"tenant": principal.tenant})
         stats.segments += session.counters.segments
         stats.finals += session.counters.finals
         stats.errors += session.counters.errors
         stats.publish_retries += session.counters.publish_retries
-        log.info("session %s closed %s: %s", session.id, ws.close_code, session.counters)
+        log.info("session %s closed %s: %s", session.id, code, session.counters)
     return ws
 
 
@@ -295,7 +296,9 @@ def _nats_ctx(settings: EdgeSettings):  # type: ignore[no-untyped-def]
                 backlog_low_per_worker=settings.backlog_low_per_worker,
                 require_workers=settings.require_workers,
                 retry_after_s=settings.retry_after_s,
+                max_sessions_per_worker=settings.max_sessions_per_worker,
             ),
+            active_sessions=lambda: len(app[sessions_key]),
         )
         await admission.start()
         app[admission_key] = admission

@@ -156,6 +156,7 @@ class Session:
         self._audio_s = 0.0
         self._fed_bytes = 0
         self.closed_normally = False
+        self.close_code: int | None = None  # the code this edge closed with, if it closed first
         self.superseded = False  # resumed on another socket: that one owns the record now
 
     # --- outbound -----------------------------------------------------------
@@ -309,8 +310,7 @@ class Session:
             await self._save(state="closed" if self.closed_normally else "detached")
         self._outbox.put_nowait(None)
         await _finish(writer, 5.0)
-        if not self.ws.closed:
-            await self.ws.close(code=code, message=reason.encode()[:MAX_REASON])
+        await self.abort(code, reason)
 
     async def drain(self, deadline_s: float) -> None:
         """Edge shutdown: queue what was heard, deliver what is owed (bounded), then 1001."""
@@ -323,6 +323,7 @@ class Session:
         self, code: int = WSCloseCode.GOING_AWAY, reason: str = "edge shutting down"
     ) -> None:
         if not self.ws.closed:
+            self.close_code = code  # ws.close_code would be the device's echo of it
             await self.ws.close(code=code, message=reason.encode()[:MAX_REASON])
 
     async def _save(self, state: str = "open") -> None:

@@ -19,11 +19,14 @@ class EdgeSettings(msgspec.Struct, frozen=True, kw_only=True):
     min_speech_ms: int = 150
     max_utterance_ms: int = 15000
     reorder_chunks: int = 8  # numbered chunks held to repair reordering
-    prompt_chars: int = 200  # recent text sent with each segment as context
+    prompt_chars: int = 100  # recent text sent with each segment as context (costs inference time)
     # admission (new sessions only)
     backlog_high_per_worker: int = 8  # queued + in-flight segments per live worker
     backlog_low_per_worker: int = 4
     require_workers: bool = True  # refuse new sessions while no worker is alive
+    # sessions this edge admits per live worker (0: no cap). 4 suits tiny.en on a
+    # 2-core CPU with people talking without pause; raise it for GPUs or chattier devices.
+    max_sessions_per_worker: float = 4.0
     admission_refresh_s: float = 0.25
     retry_after_s: float = 5.0
     # auth
