@@ -121,4 +121,3 @@ def rms_dbfs(pcm: bytes) -> float:
     if x.size == 0:
         return -120.0
     return float(20 * np.log10(max(np.sqrt(np.mean(x * x)), 1e-6) / 32768))
-

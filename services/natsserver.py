@@ -6,6 +6,7 @@ benchmarks, which need a real server on a random port with a temp store.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -88,7 +89,7 @@ class NatsServer:
             "-js",
             "-sd", str(self.store_dir / "jetstream"),
             "-n", self.name,
-            *(["--user", self.user, "--pass", self.password] if self.user else []),
+            *(["-c", str(self._auth_config())] if self.user else []),
             *self.extra_args,
         ]  # fmt: skip
         log_file = self.log_path.open("ab")
@@ -111,6 +112,17 @@ class NatsServer:
             time.sleep(0.02)
         self.stop()
         raise NatsServerError(f"nats-server not ready within {timeout}s (log: {self.log_path})")
+
+    def _auth_config(self) -> Path:
+        """Credentials go in a config file only the owner can read, not on the command line."""
+        path = self.store_dir / "auth.conf"
+        path.unlink(missing_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(
+                f"authorization {{\n  user: {json.dumps(self.user)}\n  password: {json.dumps(self.password)}\n}}\n"
+            )
+        return path
 
     def stop(self, timeout: float = 10.0) -> None:
         proc, self.proc = self.proc, None
