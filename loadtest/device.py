@@ -31,7 +31,7 @@ import msgspec
 
 from loadtest.corpus import Item, word_errors
 from schemas import device as ev
-from services.client import Received, Refused, StreamRun, stream_audio, stream_url
+from services.client import Received, Refused, StreamRun, stream_audio
 
 # Session outcomes. Every admitted session ends as exactly one of the first three.
 COMPLETED, FAILED, TIMED_OUT = "completed", "failed", "timed_out"
@@ -89,6 +89,10 @@ class SessionRecord:
     ref_words: int = 0
     word_errors: int = 0
     text: str = ""
+
+    def refused(self, exc: Refused) -> None:
+        self.outcome, self.reason = REFUSED, exc.reason
+        self.http_status, self.retry_after = exc.status, exc.retry_after
 
     @property
     def wer(self) -> float | None:
@@ -285,12 +289,7 @@ async def run_session(
         if rec.outcome == FAILED:
             rec.reason = f"closed with {run.close_code} {run.close_reason}".strip()
     except Refused as exc:
-        rec.outcome, rec.reason, rec.http_status, rec.retry_after = (
-            REFUSED,
-            exc.reason,
-            exc.status,
-            exc.retry_after,
-        )
+        rec.refused(exc)
     except TimeoutError:
         rec.outcome = TIMED_OUT
         rec.reason = (
@@ -314,19 +313,3 @@ def _settle(rec: SessionRecord, run: StreamRun) -> None:
     rec.admitted = run.connected_at > 0
     if not rec.admitted and rec.outcome in (FAILED, TIMED_OUT):
         rec.outcome = CONNECT_ERROR
-
-
-async def open_stream(
-    http: aiohttp.ClientSession, url: str, sample_rate: int = 16000, token: str | None = None
-) -> aiohttp.ClientWebSocketResponse:
-    """Just the upgrade (for the herd and the idle sockets); raises `Refused` like `stream_audio`."""
-    try:
-        return await http.ws_connect(
-            stream_url(url, sample_rate, token=token), max_msg_size=0, autoping=True
-        )
-    except aiohttp.WSServerHandshakeError as exc:
-        headers = exc.headers or {}
-        retry = headers.get("Retry-After")
-        raise Refused(
-            exc.status, headers.get(ev.REASON_HEADER, exc.message), float(retry) if retry else None
-        ) from None

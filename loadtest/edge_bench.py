@@ -32,6 +32,8 @@ from services.natsserver import NatsServer, _free_port
 
 
 class Edge:
+    """`python -m services.edge` as a process of its own, so its costs are its own."""
+
     def __init__(self, nats_url: str, log: Path, **settings: str) -> None:
         self.port = _free_port()
         env = {
@@ -45,6 +47,7 @@ class Edge:
             "ESCAPEMENT_MAX_CONNECTIONS_PER_TENANT": "20000",
             **{f"ESCAPEMENT_{k.upper()}": v for k, v in settings.items()},
         }
+        self.log_path = log
         self._log = log.open("wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "services.edge"], env=env, stdout=self._log, stderr=self._log
@@ -70,10 +73,13 @@ class Edge:
         t = self.ps.cpu_times()
         return float(t.user + t.system)
 
-    def stop(self) -> None:
+    def stop(self) -> int:
+        """SIGTERM, as an operator would; the exit code."""
         self.proc.terminate()
-        self.proc.wait(30)
-        self._log.close()
+        try:
+            return self.proc.wait(30)
+        finally:
+            self._log.close()
 
 
 async def idle_and_active(nats_url: str, tmp: Path, idle: int, active: int, seconds: float) -> None:

@@ -14,15 +14,13 @@ from loadtest.device import (
     COMPLETED,
     CONNECT_ERROR,
     FAILED,
-    REFUSED,
     TIMED_OUT,
     SessionRecord,
-    open_stream,
 )
 from loadtest.metrics import Histograms
 from loadtest.workload import Sink, http_session, record_histograms, watch_loop_lag
 from schemas import device as ev
-from services.client import Refused
+from services.client import Refused, open_stream
 
 
 async def connect_once(
@@ -58,12 +56,7 @@ async def connect_once(
         else:
             rec.outcome, rec.reason = FAILED, f"closed with {ws.close_code} before SessionStarted"
     except Refused as exc:
-        rec.outcome, rec.reason, rec.http_status, rec.retry_after = (
-            REFUSED,
-            exc.reason,
-            exc.status,
-            exc.retry_after,
-        )
+        rec.refused(exc)
     except TimeoutError:
         rec.outcome = TIMED_OUT if rec.admitted else CONNECT_ERROR
         rec.reason = (

@@ -22,9 +22,8 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from loadtest.device import open_stream
 from loadtest.metrics import percentile
-from services.client import Refused
+from services.client import Refused, open_stream
 
 
 @dataclass

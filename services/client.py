@@ -88,6 +88,27 @@ def stream_url(
     return urlunsplit((scheme, parts.netloc, path, urlencode(query), ""))
 
 
+async def open_stream(
+    http: aiohttp.ClientSession,
+    base_url: str,
+    sample_rate: int = 16000,
+    *,
+    language: str = "en",
+    token: str | None = None,
+    fast: bool = False,
+) -> aiohttp.ClientWebSocketResponse:
+    """Just the upgrade; raises `Refused` (status, reason, Retry-After) if the edge says no."""
+    url = stream_url(base_url, sample_rate, language, token=token, fast=fast)
+    try:
+        return await http.ws_connect(url, max_msg_size=0, autoping=True)
+    except aiohttp.WSServerHandshakeError as exc:
+        headers = exc.headers or {}
+        retry = headers.get("Retry-After")
+        raise Refused(
+            exc.status, headers.get(ev.REASON_HEADER, exc.message), float(retry) if retry else None
+        ) from None
+
+
 async def stream_audio(
     http: aiohttp.ClientSession,
     base_url: str,
@@ -110,16 +131,10 @@ async def stream_audio(
     (`run.connected_at` stays 0 until the upgrade succeeded).
     """
     run = StreamRun() if run is None else run
-    url = stream_url(base_url, sample_rate, language, token=token, fast=not realtime)
     started = time.monotonic()
-    try:
-        ws = await http.ws_connect(url, max_msg_size=0, autoping=True)
-    except aiohttp.WSServerHandshakeError as exc:
-        headers = exc.headers or {}
-        retry = headers.get("Retry-After")
-        raise Refused(
-            exc.status, headers.get(ev.REASON_HEADER, exc.message), float(retry) if retry else None
-        ) from None
+    ws = await open_stream(
+        http, base_url, sample_rate, language=language, token=token, fast=not realtime
+    )
     run.connected_at = time.monotonic() - started
     first = asyncio.get_running_loop().create_future()
 

@@ -7,9 +7,6 @@ be measured apart from the thousands of clients this test plays.
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -17,70 +14,37 @@ from pathlib import Path
 
 import aiohttp
 import msgspec
-import psutil
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from loadtest.edge_bench import Edge
 from schemas import device as ev
 from services.edge.auth import Authenticator, AuthError
 from services.edge.params import BadRequest, parse_stream_params
-from tests.conftest import free_port, run_edge, run_worker, wer
+from tests.conftest import run_edge, run_worker, wer
 
 pytestmark = pytest.mark.slow
 
 
-class EdgeProcess:
-    def __init__(self, proc: subprocess.Popen[bytes], url: str, log: Path) -> None:
-        self.proc, self.url, self.log = proc, url, log
-
-    def rss(self) -> int:
-        return int(psutil.Process(self.proc.pid).memory_info().rss)
-
-
 @pytest.fixture
-async def edge_process(nats_server, nc, tmp_path: Path) -> AsyncIterator[EdgeProcess]:  # type: ignore[no-untyped-def]
-    port = free_port()
-    env = {
-        **os.environ,
-        "NATS_URL": nats_server.url,
-        "ESCAPEMENT_PORT": str(port),
-        "ESCAPEMENT_AUTH_ENABLED": "false",
-        "ESCAPEMENT_REQUIRE_WORKERS": "false",
-        "ESCAPEMENT_IDLE_TIMEOUT_S": "3",
-        "ESCAPEMENT_HANDSHAKE_TIMEOUT_S": "3",
-        "ESCAPEMENT_MAX_CONNECTIONS_PER_TENANT": "5000",
-        "ESCAPEMENT_LOG_LEVEL": "WARNING",
-    }
-    log = tmp_path / "edge.log"
-    with log.open("wb") as out:
-        proc = await asyncio.to_thread(
-            subprocess.Popen,
-            [sys.executable, "-m", "services.edge"],
-            env=env,
-            stdout=out,
-            stderr=out,
-        )
-    url = f"http://127.0.0.1:{port}"
+async def edge_process(nats_server, nc, tmp_path: Path) -> AsyncIterator[Edge]:  # type: ignore[no-untyped-def]
+    """`python -m services.edge` with short idle and handshake timeouts."""
+    edge = await asyncio.to_thread(
+        Edge,
+        nats_server.url,
+        tmp_path / "edge.log",
+        require_workers="false",
+        idle_timeout_s="3",
+        handshake_timeout_s="3",
+        max_connections_per_tenant="5000",
+    )
     async with aiohttp.ClientSession() as http:
-        for _ in range(100):
-            try:
-                async with http.get(f"{url}/readyz") as r:
-                    if r.status == 200:
-                        break
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.1)
+        await edge.ready(http)
     try:
-        yield EdgeProcess(proc, url, log)
+        yield edge
     finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        assert proc.returncode == 0, log.read_text()[-3000:]
+        assert await asyncio.to_thread(edge.stop) == 0, edge.log_path.read_text()[-3000:]
 
 
 async def _attempt(http: aiohttp.ClientSession, url: str) -> str:
@@ -93,7 +57,7 @@ async def _attempt(http: aiohttp.ClientSession, url: str) -> str:
         return (exc.headers or {}).get(ev.REASON_HEADER, f"http-{exc.status}")
 
 
-async def test_reconnect_storm(edge_process: EdgeProcess) -> None:
+async def test_reconnect_storm(edge_process: Edge) -> None:
     """2,000 connects launched within ~1 s, twice: each admitted or refused with a reason;
     the edge stays up and its memory settles instead of growing storm after storm."""
     baseline = edge_process.rss()
@@ -125,7 +89,7 @@ async def test_reconnect_storm(edge_process: EdgeProcess) -> None:
 
 
 async def test_slow_loris_is_shed_while_a_real_session_is_served(
-    edge_process: EdgeProcess, nats_server, engine, make_test_speech
+    edge_process: Edge, nats_server, engine, make_test_speech
 ) -> None:  # type: ignore[no-untyped-def]
     port = int(edge_process.url.rsplit(":", 1)[1])
     speech = make_test_speech(["please turn on the lights in the kitchen"])
