@@ -73,6 +73,13 @@ class Edge:
         t = self.ps.cpu_times()
         return float(t.user + t.system)
 
+    async def __aenter__(self) -> Edge:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.proc.poll() is None:
+            await asyncio.to_thread(self.stop)
+
     def stop(self) -> int:
         """SIGTERM, as an operator would; the exit code."""
         self.proc.terminate()
@@ -86,7 +93,7 @@ async def idle_and_active(nats_url: str, tmp: Path, idle: int, active: int, seco
     speech = make_speech(SENTENCES, tmp / "speech", 16000, gap_s=0.8)
     edge = Edge(nats_url, tmp / "edge1.log", require_workers="false")
     connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=connector) as http:
+    async with edge, aiohttp.ClientSession(connector=connector) as http:
         await edge.ready(http)
         await asyncio.sleep(0.5)
         base = edge.rss()
@@ -136,12 +143,11 @@ async def idle_and_active(nats_url: str, tmp: Path, idle: int, active: int, seco
         print(
             f"edge CPU: {cpu / wall * 100:.1f} % of one core for {active} sessions = {per100:.1f} % per 100 real-time sessions"
         )
-    edge.stop()
 
 
 async def refusals_and_accepts(nats_url: str, tmp: Path, n: int) -> None:
     edge = Edge(nats_url, tmp / "edge2.log", require_workers="true")
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
+    async with edge, aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
         await edge.ready(http)
         url = f"{edge.url}/v1/stream"
         times = []
@@ -156,11 +162,10 @@ async def refusals_and_accepts(nats_url: str, tmp: Path, n: int) -> None:
         print(
             f"refusal latency (503 no_workers, 200 sequential): p50 {q[49]:.2f} ms, p99 {q[98]:.2f} ms"
         )
-    edge.stop()
 
     edge = Edge(nats_url, tmp / "edge3.log", require_workers="false")
     client = psutil.Process()
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
+    async with edge, aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
         await edge.ready(http)
         url = f"{edge.url}/v1/stream"
         sem = asyncio.Semaphore(200)
@@ -180,7 +185,6 @@ async def refusals_and_accepts(nats_url: str, tmp: Path, n: int) -> None:
             f"(edge CPU {(edge.cpu_s() - e0) / wall * 100:.0f} %, client CPU {client_cpu:.0f} %"
             f"{' - the client is the limit' if client_cpu > 90 else ''})"
         )
-    edge.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
