@@ -14,6 +14,7 @@ PREFIX = "asr"
 
 STREAM_SEGMENTS = "ASR_SEGMENTS"
 STREAM_TRANSCRIPTS = "ASR_TRANSCRIPTS"
+STREAM_DEAD = "ASR_DEAD"
 CONSUMER_WORKERS = "workers"
 KV_SESSIONS = "ASR_SESSIONS"  # key-value bucket (stream KV_ASR_SESSIONS): key = session id
 
@@ -24,6 +25,14 @@ class Header(StrEnum):
     MSG_ID = "Nats-Msg-Id"  # JetStream de-duplication within duplicate_window
     TENANT = "Escapement-Tenant"
     SESSION = "Escapement-Session"
+    # On a dead letter (ASR_DEAD): why and where from. The original message's
+    # own headers travel with it, except Nats-Msg-Id, kept as DEAD_SEGMENT.
+    DEAD_REASON = "Escapement-Dead-Reason"  # a code: bad_segment, poison_segment, max_deliveries...
+    DEAD_MESSAGE = "Escapement-Dead-Message"  # one line for a person
+    DEAD_ATTEMPTS = "Escapement-Dead-Attempts"  # deliveries the segment had
+    DEAD_SUBJECT = "Escapement-Dead-Subject"  # the subject it was queued on
+    DEAD_SEQUENCE = "Escapement-Dead-Sequence"  # its sequence on ASR_SEGMENTS
+    DEAD_SEGMENT = "Escapement-Dead-Segment"  # its Nats-Msg-Id there ("<session>:<n>[:replay-...]")
 
 
 class InvalidToken(ValueError):
@@ -42,6 +51,41 @@ def segments_subject(edge_id: str, session_id: str) -> str:
 
 
 SEGMENTS_ALL = f"{PREFIX}.segments.>"
+
+
+def ids_from_segments_subject(subject: str) -> tuple[str, str] | None:
+    """`asr.segments.<edge>.<session>` -> (edge, session); None for any other subject."""
+    parts = subject.split(".")
+    if len(parts) != 4 or parts[0] != PREFIX or parts[1] != "segments":
+        return None
+    try:
+        return check_token(parts[2]), check_token(parts[3])
+    except InvalidToken:
+        return None
+
+
+def dead_subject(edge_id: str, session_id: str) -> str:
+    """Where a session's dead letters are kept (captured by ASR_DEAD)."""
+    return f"{PREFIX}.dead.{check_token(edge_id)}.{check_token(session_id)}"
+
+
+# Dead letters whose original subject named no session (junk on asr.segments.>).
+DEAD_UNROUTABLE = f"{PREFIX}.dead.unroutable"
+DEAD_ALL = f"{PREFIX}.dead.>"
+
+
+def dead_msg_id(stream_seq: int) -> str:
+    """One dead letter per queued message, however many times it is reported."""
+    return f"{STREAM_SEGMENTS}:{stream_seq}"
+
+
+# Published by nats-server when a message of ASR_SEGMENTS reached the workers'
+# max_deliver without being acked or termed (the last holder never answered).
+ADVISORY_MAX_DELIVERIES = (
+    f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{STREAM_SEGMENTS}.{CONSUMER_WORKERS}"
+)
+# Queue group on that advisory: one worker handles each.
+DEAD_LETTER_QUEUE = "escapement-dead-letter"
 
 
 def results_subject(edge_id: str, session_id: str) -> str:
@@ -71,8 +115,28 @@ def segment_msg_id(session_id: str, segment: int) -> str:
     return f"{session_id}:{segment}"
 
 
-def result_msg_id(session_id: str, segment: int) -> str:
-    return f"{session_id}:{segment}:result"
+def replay_msg_id(session_id: str, segment: int, tag: str) -> str:
+    """A dead letter queued again: a fresh id, so dedup does not swallow it."""
+    return f"{session_id}:{segment}:replay-{check_token(tag)}"
+
+
+def parse_segment_msg_id(msg_id: str) -> tuple[str, int, str] | None:
+    """`<session>:<n>[:replay-<tag>]` -> (session, n, replay tag or ''); None if malformed."""
+    parts = msg_id.split(":")
+    if len(parts) not in (2, 3) or not _TOKEN.match(parts[0]) or not parts[1].isdigit():
+        return None
+    replay = ""
+    if len(parts) == 3:
+        if not parts[2].startswith("replay-") or not _TOKEN.match(parts[2]):
+            return None
+        replay = parts[2]
+    return parts[0], int(parts[1]), replay
+
+
+def result_msg_id(session_id: str, segment: int, replay: str = "") -> str:
+    """One stored result per segment (per replay of it: a replay is answered afresh)."""
+    suffix = f":{replay}" if replay else ""
+    return f"{session_id}:{segment}:result{suffix}"
 
 
 # NATS micro services (`nats micro ls|info|stats`)

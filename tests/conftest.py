@@ -9,19 +9,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
 import socket
+import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
-import jiwer
 import nats
 import pytest
 from aiohttp import web
 from nats.aio.client import Client as NATS
 
 from jetstream.setup import apply_all
+from loadtest.corpus import word_errors
 from loadtest.speech import Speech, make_speech
 from services.edge.app import create_app, make_runner
 from services.edge.settings import EdgeSettings
@@ -140,23 +145,90 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
         yield session
 
 
-_normalise = jiwer.Compose(
-    [
-        jiwer.ToLowerCase(),
-        jiwer.RemovePunctuation(),
-        jiwer.RemoveMultipleSpaces(),
-        jiwer.Strip(),
-        jiwer.ReduceToListOfListOfWords(),
-    ]
-)
-
-
 def wer(reference: str, hypothesis: str) -> float:
-    return float(
-        jiwer.wer(
-            reference,
-            hypothesis or "<empty>",
-            reference_transform=_normalise,
-            hypothesis_transform=_normalise,
-        )
-    )
+    """Word error rate, case and punctuation ignored (the load generator's measure)."""
+    errors, words = word_errors(reference, hypothesis)
+    return errors / max(1, words)
+
+
+# --- worker processes (reliability tests) -------------------------------------
+
+
+class WorkerProcess:
+    """`python -m services.worker` in a process of its own, configured by environment
+    as in production; its log goes to a file the test can read."""
+
+    def __init__(self, nats_url: str, log_path: Path, env: dict[str, str]) -> None:
+        self.log_path = log_path
+        self.env = {**os.environ, "NATS_URL": nats_url, **env}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> WorkerProcess:
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "services.worker"],
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    async def ready(self, within: float = 60) -> WorkerProcess:
+        """Wait for its "worker ready" line (consumer bound, about to pull)."""
+        deadline = time.monotonic() + within
+        while "worker ready" not in self.log():
+            assert self.proc is not None and self.proc.poll() is None, f"worker died:\n{self.log()}"
+            assert time.monotonic() < deadline, f"worker not ready in {within}s:\n{self.log()}"
+            await asyncio.sleep(0.05)
+        return self
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def terminate(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+
+    async def wait(self, within: float) -> int:
+        assert self.proc is not None
+        deadline = time.monotonic() + within
+        while self.proc.poll() is None:
+            assert time.monotonic() < deadline, (
+                f"worker still running after {within}s:\n{self.log()}"
+            )
+            await asyncio.sleep(0.05)
+        return self.proc.returncode
+
+
+# Light settings for worker processes sharing 2 cores with the test itself.
+LIGHT_WORKER_ENV = {"ESCAPEMENT_CPU_THREADS": "1", "ESCAPEMENT_BEAM_SIZE": "1"}
+
+
+@pytest.fixture
+def spawn_worker(nats_server: NatsServer, tmp_path: Path):  # type: ignore[no-untyped-def]
+    """`spawn_worker(**env)` starts a worker process on this test's nats-server;
+    every one still running is killed at teardown."""
+    spawned: list[WorkerProcess] = []
+
+    def spawn(**env: str) -> WorkerProcess:
+        log_path = tmp_path / f"worker-{len(spawned)}.log"
+        process = WorkerProcess(nats_server.url, log_path, {**LIGHT_WORKER_ENV, **env})
+        spawned.append(process.start())
+        return process
+
+    try:
+        yield spawn
+    finally:
+        for process in spawned:
+            process.kill()

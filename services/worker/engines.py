@@ -117,7 +117,9 @@ class WhisperEngine:
             for w in seg.words or []:
                 start = min(max(offset_ms + round(w.start * 1000), offset_ms), end_ms)
                 stop = min(max(offset_ms + round(w.end * 1000), start), end_ms)
-                words.append(Word(w.word.strip(), int(start), int(stop), round(float(w.probability), 3)))
+                words.append(
+                    Word(w.word.strip(), int(start), int(stop), round(float(w.probability), 3))
+                )
         return Transcription(
             text=" ".join(t for t in texts if t),
             words=words,

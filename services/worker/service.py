@@ -2,9 +2,38 @@
 
 Ack decisions follow the failure class:
 - success: result published (and stored on ASR_TRANSCRIPTS), then ack;
-- undecodable payload or `PoisonSegment`: term at once, `ErrorResult` to the device;
-- anything else: nak with delay, until the last delivery, which is termed
-  with an `ErrorResult` so the device always hears what became of a segment.
+- undecodable payload, or an engine error that is not retryable
+  (`PoisonSegment`): dead-lettered and termed at once;
+- anything else: nak with a back-off delay (`nak_delay_s` times the delivery
+  count), until the last delivery the consumer allows (`max_deliver`), which
+  is dead-lettered and termed. Nothing is retried forever: if the consumer
+  allows endless redelivery, the worker still gives up after
+  `WorkerSettings.max_deliver` attempts.
+Every dead letter is kept on ASR_DEAD and reported to the device as an
+`ErrorResult` (`services.worker.deadletter`). A segment whose holders kept
+dying is dead-lettered from the server's MAX_DELIVERIES advisory instead.
+
+The lease rule. A delivery is this worker's to answer only while its lease
+holds: `ack_wait` (read from the consumer, 10 s by default) from when the
+segment was delivered, renewed by every in-progress ack (+WPI) that the
+server confirmed. Once it may have lapsed, the server may have redelivered
+the segment to another worker, and nats-server accepts an ack, nak, term or
++WPI on the old delivery as if it were for the new one (nats-server #4786):
+a late ack would remove a segment another worker is still transcribing, a
+late +WPI would keep its lease alive. So:
+- the lease is counted from before the fetch that returned the segment (the
+  previous fetch's start, if that one ended empty: a pull request that
+  expired on our side may still bring a message, and the next fetch returns
+  it) and renewed from when a confirmed +WPI was sent: both no later than
+  the server starts its own timer, so the worker may think its lease shorter
+  than it is, never longer;
+- `lease_margin_s` before it ends, the worker stops answering for that
+  delivery: no ack, nak, term, +WPI or dead letter. A transcript it has is
+  still published (results are idempotent: ASR_TRANSCRIPTS dedups them by
+  Nats-Msg-Id and the edge by segment number), and the delivery is left to
+  whoever holds it now: the redelivery (`num_delivered` one higher), or, if
+  this was the last one allowed, the MAX_DELIVERIES advisory, which finds the
+  published result and keeps no dead letter.
 """
 
 from __future__ import annotations
@@ -19,22 +48,37 @@ from concurrent.futures import ThreadPoolExecutor
 import msgspec
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.errors import Error as NatsError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
+from nats.js import api as js_api
+from nats.js.errors import NotFoundError
 
 from jetstream import subjects
-from schemas.pipeline import (
-    ErrorResult,
-    Result,
-    ResultMessage,
-    Segment,
-    decode_segment,
-    encode_result,
-)
-from services.worker.engines import Engine, EngineError, PoisonSegment
+from schemas.pipeline import Result, ResultMessage, Segment, decode_segment, encode_result
+from services.worker.deadletter import MAX_DELIVERIES, DeadLetters, Queued
+from services.worker.engines import Engine, EngineError
 from services.worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
+
+DEFAULT_ACK_WAIT_S = 30.0  # nats-server's, for a consumer that names none
+
+
+class Lease:
+    """Until when this worker may answer for one delivery (the lease rule above)."""
+
+    def __init__(self, granted_at: float, ack_wait: float, margin: float) -> None:
+        self.ack_wait = ack_wait
+        self.margin = margin
+        self.expires = granted_at + ack_wait
+
+    def held(self) -> bool:
+        return time.monotonic() + self.margin < self.expires
+
+    def renewed(self, sent_at: float) -> None:
+        self.expires = max(self.expires, sent_at + self.ack_wait)
 
 
 class Worker:
@@ -52,8 +96,18 @@ class Worker:
         self.executor = ThreadPoolExecutor(
             max_workers=settings.concurrency, thread_name_prefix="escapement-engine"
         )
+        self.dead = DeadLetters(self.js)
+        self.ack_wait = DEFAULT_ACK_WAIT_S
+        self.max_deliver = settings.max_deliver
         self._jobs: set[asyncio.Task[None]] = set()
-        self.stats = {"transcribed": 0, "failed": 0, "retried": 0, "audio_s": 0.0, "inference_s": 0.0}
+        self.stats = {
+            "transcribed": 0,
+            "failed": 0,
+            "retried": 0,
+            "lapsed": 0,  # deliveries left unanswered because their lease may have lapsed
+            "audio_s": 0.0,
+            "inference_s": 0.0,
+        }
         self.ready = asyncio.Event()
 
     async def _in_executor(self, fn: Callable[..., object], *args: object) -> object:
@@ -62,66 +116,137 @@ class Worker:
     async def load(self) -> None:
         self.engine = await self._in_executor(self._engine_factory)  # type: ignore[assignment]
 
+    def configure(self, consumer: js_api.ConsumerConfig) -> None:
+        """Take ack_wait and max_deliver from the consumer: it is what the server enforces."""
+        self.ack_wait = float(consumer.ack_wait or DEFAULT_ACK_WAIT_S)
+        if consumer.max_deliver and consumer.max_deliver > 0:
+            self.max_deliver = consumer.max_deliver
+        else:
+            log.warning(
+                "consumer %s redelivers without end; giving up after %d attempts",
+                subjects.CONSUMER_WORKERS, self.max_deliver,
+            )  # fmt: skip
+        if self.settings.in_progress_every_s >= self.ack_wait - self.settings.lease_margin_s:
+            log.warning(
+                "in_progress_every_s=%g does not renew a %g s lease in time",
+                self.settings.in_progress_every_s, self.ack_wait,
+            )  # fmt: skip
+
     async def run(self, stop: asyncio.Event) -> None:
         """Fetch and process until `stop` is set; then let in-flight jobs finish."""
         if self.engine is None:
             await self.load()
+        info = await self._consumer(stop)
+        if info is None:
+            return
+        self.configure(info.config)
+        # Before the first pull: the advisory is sent when a worker pulls.
+        advisories: Subscription = await self.nc.subscribe(
+            subjects.ADVISORY_MAX_DELIVERIES,
+            queue=subjects.DEAD_LETTER_QUEUE,
+            cb=self.dead.on_max_deliveries,
+        )
         psub = await self.js.pull_subscribe_bind(
             subjects.CONSUMER_WORKERS, stream=subjects.STREAM_SEGMENTS
         )
         self.ready.set()
-        log.info("worker ready (engine %s, concurrency %d)", self.engine.name, self.settings.concurrency)  # type: ignore[union-attr]
+        log.info(
+            "worker ready (engine %s, concurrency %d, ack_wait %g s, max_deliver %d)",
+            self.engine.name, self.settings.concurrency, self.ack_wait, self.max_deliver,  # type: ignore[union-attr]
+        )  # fmt: skip
+        ended_empty: float | None = None  # start of the previous fetch, if it brought nothing
+        stopping = asyncio.create_task(stop.wait())  # wakes a worker waiting for a free slot
         try:
             while not stop.is_set():
                 free = self.settings.concurrency - len(self._jobs)
                 if free <= 0:
-                    await asyncio.wait(self._jobs, return_when=asyncio.FIRST_COMPLETED)
+                    await asyncio.wait({*self._jobs, stopping}, return_when=asyncio.FIRST_COMPLETED)
                     continue
+                asked = time.monotonic()
                 try:
                     msgs = await psub.fetch(free, timeout=self.settings.fetch_timeout_s)
                 except NatsTimeoutError:
+                    ended_empty = asked
                     continue  # nothing queued: not an error
                 except Exception:
+                    ended_empty = asked
                     if stop.is_set() or self.nc.is_closed:
                         break
                     log.exception("fetch failed; retrying")
                     await asyncio.sleep(1.0)
                     continue
+                granted = min(asked, ended_empty or asked)
+                ended_empty = None
                 for msg in msgs:
-                    task = asyncio.create_task(self._job(msg))
+                    lease = Lease(granted, self.ack_wait, self.settings.lease_margin_s)
+                    task = asyncio.create_task(self._job(msg, lease))
                     self._jobs.add(task)
                     task.add_done_callback(self._jobs.discard)
         finally:
+            stopping.cancel()
             await self._finish_jobs()
             with contextlib.suppress(Exception):
                 await psub.unsubscribe()
+            with contextlib.suppress(Exception):
+                await advisories.unsubscribe()
+
+    async def _consumer(self, stop: asyncio.Event) -> js_api.ConsumerInfo | None:
+        """The workers' consumer, once it exists (the edge or `escapement up` creates it)."""
+        waiting = False
+        while not stop.is_set():
+            try:
+                return await self.js.consumer_info(
+                    subjects.STREAM_SEGMENTS, subjects.CONSUMER_WORKERS
+                )
+            except NotFoundError:
+                if not waiting:
+                    log.warning(
+                        "consumer %s on %s not found; waiting for it",
+                        subjects.CONSUMER_WORKERS, subjects.STREAM_SEGMENTS,
+                    )  # fmt: skip
+                    waiting = True
+            except (NatsError, TimeoutError) as exc:
+                log.warning(
+                    "cannot read consumer %s (%r); retrying", subjects.CONSUMER_WORKERS, exc
+                )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=1.0)
+        return None
 
     async def _finish_jobs(self) -> None:
+        """Shutting down: give in-flight jobs `shutdown_grace_s`, then cancel them (they nak)."""
         if not self._jobs:
             return
+        log.info(
+            "waiting up to %g s for %d job(s)", self.settings.shutdown_grace_s, len(self._jobs)
+        )
         done, pending = await asyncio.wait(self._jobs, timeout=self.settings.shutdown_grace_s)
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
 
-    async def _job(self, msg: Msg) -> None:
+    async def _job(self, msg: Msg, lease: Lease) -> None:
         try:
-            await self.handle(msg)
+            await self.handle(msg, lease)
         except Exception:
             log.exception("segment on %s: unexpected failure; handing it back", msg.subject)
             with contextlib.suppress(Exception):
-                await msg.nak(delay=self.settings.nak_delay_s)
+                await self._nak(msg, lease, self.settings.nak_delay_s)
 
-    async def handle(self, msg: Msg) -> None:
-        edge_id, session_id = _ids_from_subject(msg.subject)
+    async def handle(self, msg: Msg, lease: Lease) -> None:
+        attempts = msg.metadata.num_delivered
+        if attempts > self.max_deliver:  # only where the consumer itself sets no bound
+            await self._give_up(
+                msg, lease, MAX_DELIVERIES, f"delivered {attempts} times; giving up"
+            )
+            return
         try:
             segment = decode_segment(msg.data)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            number = _segment_number(msg)
             log.warning("poison message on %s: %s", msg.subject, exc)
-            await self._fail(msg, edge_id, session_id, number, "bad_segment", f"undecodable segment: {exc}")
+            await self._give_up(msg, lease, "bad_segment", f"undecodable segment: {exc}")
             return
-        keepalive = asyncio.create_task(self._keep_lease(msg))
+        keepalive = asyncio.create_task(self._keep_lease(msg, lease))
         try:
             assert self.engine is not None
             transcription = await self._in_executor(
@@ -132,15 +257,18 @@ class Worker:
                 segment.prompt,
                 segment.start_ms,
             )
-        except PoisonSegment as exc:
-            await self._fail(msg, segment.edge_id, segment.session_id, segment.segment, exc.code, str(exc))
+        except EngineError as exc:
+            if exc.retryable:
+                await self._retry_or_give_up(msg, lease, segment, exc)
+            else:  # PoisonSegment and its kind: the same every time
+                await self._give_up(msg, lease, exc.code, str(exc))
             return
         except asyncio.CancelledError:
             with contextlib.suppress(Exception):
-                await msg.nak()  # hand it back: shutting down
+                await self._nak(msg, lease, None)  # hand it back: shutting down
             raise
         except Exception as exc:  # noqa: BLE001 - any engine failure is retried, bounded
-            await self._retry_or_fail(msg, segment, exc)
+            await self._retry_or_give_up(msg, lease, segment, exc)
             return
         finally:
             keepalive.cancel()
@@ -159,53 +287,104 @@ class Worker:
             language=transcription.language,  # type: ignore[attr-defined]
         )
         try:
-            await self._publish(segment.edge_id, result)
-        except Exception as exc:  # noqa: BLE001 - NATS trouble: hand the segment back
-            log.warning("segment %s:%d: result not published (%r); retrying", segment.session_id, segment.segment, exc)
-            with contextlib.suppress(Exception):
-                await msg.nak(delay=self.settings.nak_delay_s)
+            await self._publish(segment.edge_id, result, _replay_tag(msg))
+        except (NatsError, TimeoutError) as exc:  # NATS trouble: hand the segment back
+            log.warning(
+                "segment %s:%d: result not published (%r); retrying",
+                segment.session_id,
+                segment.segment,
+                exc,
+            )
+            await self._nak(msg, lease, self.settings.nak_delay_s)
             return
-        await msg.ack()
         self.stats["transcribed"] += 1
         self.stats["audio_s"] += (segment.end_ms - segment.start_ms) / 1000
         self.stats["inference_s"] += result.inference_ms / 1000
-
-    async def _keep_lease(self, msg: Msg) -> None:
-        """In-progress acks so a long job keeps its lease past ack_wait."""
-        while True:
-            await asyncio.sleep(self.settings.in_progress_every_s)
-            with contextlib.suppress(Exception):
-                await msg.in_progress()
-
-    async def _retry_or_fail(self, msg: Msg, segment: Segment, exc: Exception) -> None:
-        delivered = msg.metadata.num_delivered if msg.metadata else 1
-        code = exc.code if isinstance(exc, EngineError) else "engine_error"
-        if delivered >= self.settings.max_deliver:
-            log.error("segment %s:%d failed %d times: %s", segment.session_id, segment.segment, delivered, exc)
-            await self._fail(msg, segment.edge_id, segment.session_id, segment.segment, code, f"{exc} (after {delivered} attempts)")
+        if self._lapsed(msg, lease, "result published"):
             return
-        log.warning("segment %s:%d failed (attempt %d), retrying: %s", segment.session_id, segment.segment, delivered, exc)
+        await msg.ack()
+
+    def _lapsed(self, msg: Msg, lease: Lease, done: str) -> bool:
+        """True (and logged) when the lease may have lapsed: then this worker must not answer."""
+        if lease.held():
+            return False
+        self.stats["lapsed"] += 1
+        log.warning(
+            "seq %d (delivery %d): %s, but its lease may have lapsed; "
+            "leaving it to the current holder",
+            msg.metadata.sequence.stream, msg.metadata.num_delivered, done,
+        )  # fmt: skip
+        return True
+
+    async def _nak(self, msg: Msg, lease: Lease, delay: float | None) -> None:
+        if not self._lapsed(msg, lease, "handing it back"):
+            await msg.nak(delay=delay)
+
+    async def _keep_lease(self, msg: Msg, lease: Lease) -> None:
+        """Confirmed in-progress acks so a long job keeps its lease past ack_wait."""
+        every = self.settings.in_progress_every_s
+        while True:
+            await asyncio.sleep(every)
+            if not lease.held():
+                return  # a +WPI now could renew another worker's delivery
+            sent = time.monotonic()
+            try:
+                await self.nc.request(msg.reply, msg.Ack.Progress, timeout=min(every, 2.0))
+            except (NatsError, TimeoutError) as exc:
+                log.info(
+                    "seq %d: in-progress ack unconfirmed (%r)", msg.metadata.sequence.stream, exc
+                )
+                continue
+            lease.renewed(sent)
+
+    async def _retry_or_give_up(
+        self, msg: Msg, lease: Lease, segment: Segment, exc: Exception
+    ) -> None:
+        delivered = msg.metadata.num_delivered
+        code = exc.code if isinstance(exc, EngineError) else "engine_error"
+        if delivered >= self.max_deliver:
+            await self._give_up(msg, lease, code, f"{exc} (after {delivered} attempts)")
+            return
+        log.warning(
+            "segment %s:%d failed (attempt %d), retrying: %s",
+            segment.session_id,
+            segment.segment,
+            delivered,
+            exc,
+        )
         self.stats["retried"] += 1
-        await msg.nak(delay=self.settings.nak_delay_s * delivered)
+        await self._nak(msg, lease, self.settings.nak_delay_s * delivered)
 
-    async def _fail(self, msg: Msg, edge_id: str, session_id: str, number: int, code: str, message: str) -> None:
+    async def _give_up(self, msg: Msg, lease: Lease, code: str, message: str) -> None:
+        """Dead-letter (ASR_DEAD + ErrorResult to the device), then term."""
+        if self._lapsed(msg, lease, f"giving up ({code})"):
+            return
+        try:
+            await self.dead.bury(Queued.of(msg), code, message)
+        except (NatsError, TimeoutError) as exc:
+            log.warning(
+                "seq %d: not dead-lettered (%r); handing it back", msg.metadata.sequence.stream, exc
+            )
+            await self._nak(msg, lease, self.settings.nak_delay_s)
+            return
         self.stats["failed"] += 1
-        await msg.term()
-        if edge_id and session_id:
-            error = ErrorResult(session_id=session_id, segment=number, code=code, message=message)
-            await self._publish(edge_id, error)
+        if not self._lapsed(msg, lease, "dead-lettered"):
+            await msg.term()
 
-    async def _publish(self, edge_id: str, result: ResultMessage) -> None:
+    async def _publish(self, edge_id: str, result: ResultMessage, replay: str = "") -> None:
         """Results go to the session's subject; ASR_TRANSCRIPTS stores them (deduped by id)."""
         subject = subjects.results_subject(edge_id, result.session_id)
-        headers = {subjects.Header.MSG_ID: subjects.result_msg_id(result.session_id, result.segment)}
-        await self.js.publish(subject, encode_result(result), headers=headers)
+        msg_id = subjects.result_msg_id(result.session_id, result.segment, replay)
+        await self.js.publish(
+            subject, encode_result(result), headers={subjects.Header.MSG_ID: msg_id}
+        )
 
     def status(self) -> dict[str, object]:
         return {
             "engine": self.engine.name if self.engine else None,
             "concurrency": self.settings.concurrency,
             "in_flight": len(self._jobs),
+            "dead_lettered": self.dead.buried,
             **self.stats,
             "time": time.time(),
         }
@@ -214,21 +393,7 @@ class Worker:
         self.executor.shutdown(wait=False, cancel_futures=True)
 
 
-def _ids_from_subject(subject: str) -> tuple[str, str]:
-    """`asr.segments.<edge>.<session>` -> (edge, session); ('', '') if malformed."""
-    parts = subject.split(".")
-    if len(parts) != 4:
-        return "", ""
-    try:
-        return subjects.check_token(parts[2]), subjects.check_token(parts[3])
-    except subjects.InvalidToken:
-        return "", ""
-
-
-def _segment_number(msg: Msg) -> int:
-    msg_id = (msg.headers or {}).get(subjects.Header.MSG_ID, "")
-    try:
-        return int(msg_id.rsplit(":", 1)[-1])
-    except ValueError:
-        return -1
-
+def _replay_tag(msg: Msg) -> str:
+    """'replay-...' when the segment was queued again from ASR_DEAD, else ''."""
+    parsed = subjects.parse_segment_msg_id((msg.headers or {}).get(subjects.Header.MSG_ID, ""))
+    return parsed[2] if parsed else ""

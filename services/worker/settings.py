@@ -13,7 +13,9 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True):
     concurrency: int = 1  # segments transcribed at once (executor threads)
     fetch_timeout_s: float = 2.0
     in_progress_every_s: float = 3.0  # well under the consumer's ack_wait (10 s)
+    lease_margin_s: float = 1.0  # stop answering for a delivery this long before its lease ends
     nak_delay_s: float = 1.0  # times the delivery count
-    max_deliver: int = 5  # the consumer's max_deliver: the last attempt is termed
+    # The consumer's own max_deliver wins; this bounds attempts where it sets none.
+    max_deliver: int = 5
     shutdown_grace_s: float = 20.0
     log_level: str = "INFO"
