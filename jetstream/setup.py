@@ -88,6 +88,10 @@ async def apply_stream(
     except NotFoundError:
         log.info("creating stream %s", name)
         return await js.add_stream(config)
+    if replicas is None:
+        # Replication is the deployment's choice (ESCAPEMENT_STREAM_REPLICAS, or an
+        # operator's `nats stream edit`): a service starting up never scales it down.
+        config.num_replicas = info.config.num_replicas
     for field in _STREAM_FIXED:
         have, want = _value(getattr(info.config, field)), _value(getattr(config, field))
         if want is not None and have != want:

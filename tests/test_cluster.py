@@ -41,11 +41,18 @@ async def test_node_killed_under_load_loses_nothing(
     await nc.close()
 
     speeches = [make_test_speech(SENTENCES[i:] + SENTENCES[:i], gap_s=0.8) for i in range(3)]
-    async with run_worker(cluster.url, engine), run_edge(cluster.url) as edge:
+    # a new stream leader takes seconds to elect (more on a loaded machine): be patient
+    async with run_worker(cluster.url, engine), run_edge(cluster.url, close_wait_s=90) as edge:
         runs = [
-            asyncio.create_task(stream_audio(http, edge.url, s.pcm, s.sample_rate, realtime=True))
+            asyncio.create_task(
+                stream_audio(http, edge.url, s.pcm, s.sample_rate, realtime=True, close_timeout=150)
+            )
             for s in speeches
         ]
+        edge_js = edge.app[nats_key].jetstream()
+        for stream in (subjects.STREAM_SEGMENTS, subjects.STREAM_TRANSCRIPTS):
+            # services apply the definitions at start; that must not scale R3 down
+            assert (await edge_js.stream_info(stream)).config.num_replicas == 3
         await asyncio.sleep(3.0)
         port = edge.app[nats_key].connected_url.port
         victim = next(s for s in cluster.servers if s.port == port)

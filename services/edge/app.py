@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import secrets
@@ -136,8 +137,9 @@ async def stream_handler(request: web.Request) -> web.StreamResponse:
     if resume:
         try:
             session_id = verify_resume_token(app[secret_key], resume, principal.tenant)
-            record = await store.for_resume(session_id, principal.tenant, settings.resume_window_s)
             after = int(request.query.get("last_segment", "-1"))
+            await _retire(app[router_key].sessions.get(session_id), settings)
+            record = await store.for_resume(session_id, principal.tenant, settings.resume_window_s)
         except AuthError as exc:
             return refuse(request, exc.status, exc.reason, exc.message)
         except ResumeRefused as exc:
@@ -187,15 +189,10 @@ async def stream_handler(request: web.Request) -> web.StreamResponse:
     session.expect(owed)
     stats = app[stats_key]
     router = app[router_key]
-    previous = router.sessions.get(session_id)
     tenants[principal.tenant] += 1
     app[sessions_key].add(session)
     router.register(session)
     try:
-        if previous is not None:
-            await previous.abort(
-                WSCloseCode.POLICY_VIOLATION, "session resumed on another connection"
-            )
         await ws.prepare(request)
         await store.put(record)
         stats.admitted += 1
@@ -229,6 +226,18 @@ async def stream_handler(request: web.Request) -> web.StreamResponse:
         stats.publish_retries += session.counters.publish_retries
         log.info("session %s closed %s: %s", session.id, code, session.counters)
     return ws
+
+
+async def _retire(previous: Session | None, settings: EdgeSettings) -> None:
+    """A device resumes a session whose old socket this edge still holds (half-open):
+    close the old one and let it queue what it heard and save where it stands first."""
+    if previous is None:
+        return
+    await previous.abort(WSCloseCode.POLICY_VIOLATION, "session resumed on another connection")
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(
+            previous.finished.wait(), timeout=settings.outage_buffer_s + settings.publish_timeout_s
+        )
 
 
 async def stats_handler(request: web.Request) -> web.Response:

@@ -158,6 +158,7 @@ class Session:
         self.closed_normally = False
         self.close_code: int | None = None  # the code this edge closed with, if it closed first
         self.superseded = False  # resumed on another socket: that one owns the record now
+        self.finished = asyncio.Event()  # set once closed, its segments queued and record saved
 
     # --- outbound -----------------------------------------------------------
 
@@ -302,15 +303,20 @@ class Session:
                 return WSCloseCode.OK, "closed by client"
 
     async def _close(self, code: int, reason: str) -> None:
-        # Segments already heard are queued even if the device is gone: it may resume.
-        self._pubq.put_nowait(None)
-        publisher, writer = self._tasks
-        await _finish(publisher, self.settings.outage_buffer_s + self.settings.publish_timeout_s)
-        if not self.superseded:
-            await self._save(state="closed" if self.closed_normally else "detached")
-        self._outbox.put_nowait(None)
-        await _finish(writer, 5.0)
-        await self.abort(code, reason)
+        try:
+            # Segments already heard are queued even if the device is gone: it may resume.
+            self._pubq.put_nowait(None)
+            publisher, writer = self._tasks
+            await _finish(
+                publisher, self.settings.outage_buffer_s + self.settings.publish_timeout_s
+            )
+            if not self.superseded:
+                await self._save(state="closed" if self.closed_normally else "detached")
+            self._outbox.put_nowait(None)
+            await _finish(writer, 5.0)
+            await self.abort(code, reason)
+        finally:
+            self.finished.set()
 
     async def drain(self, deadline_s: float) -> None:
         """Edge shutdown: queue what was heard, deliver what is owed (bounded), then 1001."""

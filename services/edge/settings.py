@@ -48,9 +48,9 @@ class EdgeSettings(msgspec.Struct, frozen=True, kw_only=True):
     heartbeat_s: float = 20.0  # WebSocket ping
     close_wait_s: float = 30.0  # CloseStream: how long to wait for outstanding finals
     publish_timeout_s: float = 5.0
-    outage_buffer_s: float = (
-        15.0  # keep retrying a segment's publish through a NATS outage this long
-    )
+    # keep retrying a segment's publish through a NATS outage this long (a cluster
+    # electing a new stream leader after a node dies takes ~7 s idle, more under load)
+    outage_buffer_s: float = 30.0
     publish_buffer_bytes: int = 8 * 1024 * 1024  # per session, audio waiting to be queued
     recheck_after_s: float = 20.0  # a result owed this long is looked up in ASR_TRANSCRIPTS
     drain_s: float = 10.0  # edge shutdown: time given to deliver owed finals before 1001

@@ -8,6 +8,7 @@ import logging
 import signal
 import sys
 
+from jetstream.setup import IncompatibleDefinition, JetStreamUnavailable, apply_all
 from observability.logging import setup_logging
 from observability.tracing import setup_tracing, shutdown_tracing
 from services.config import SettingsError, from_env
@@ -51,7 +52,13 @@ async def serve(settings: WorkerSettings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    nc = await connect(settings.nats_url, "escapement-worker")
+    nc = await connect(settings.nats_url, "escapement-worker", creds=settings.nats_creds)
+    try:
+        await apply_all(nc.jetstream(), replicas=settings.stream_replicas)
+    except (IncompatibleDefinition, JetStreamUnavailable) as exc:
+        log.error("%s", exc)
+        await nc.close()
+        return 2
     worker = Worker(nc, factory, settings)
     await worker.load()
 

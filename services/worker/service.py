@@ -168,11 +168,11 @@ class Worker:
                 except NatsTimeoutError:
                     ended_empty = asked
                     continue  # nothing queued: not an error
-                except Exception:
+                except NatsError as exc:  # no leader, reconnecting, ...: the cluster recovers
                     ended_empty = asked
                     if stop.is_set() or self.nc.is_closed:
                         break
-                    log.exception("fetch failed; retrying")
+                    log.warning("fetch failed (%s); retrying", type(exc).__name__)
                     await asyncio.sleep(1.0)
                     continue
                 granted = min(asked, ended_empty or asked)
@@ -286,15 +286,16 @@ class Worker:
             inference_ms=round(transcription.inference_ms, 1),  # type: ignore[attr-defined]
             language=transcription.language,  # type: ignore[attr-defined]
         )
+        # A NATS outage (a cluster electing a leader) must not use up deliveries:
+        # keep the lease and retry the publish for a while before handing it back.
+        keepalive = asyncio.create_task(self._keep_lease(msg, lease))
         try:
-            await self._publish(segment.edge_id, result, _replay_tag(msg))
-        except (NatsError, TimeoutError) as exc:  # NATS trouble: hand the segment back
-            log.warning(
-                "segment %s:%d: result not published (%r); retrying",
-                segment.session_id,
-                segment.segment,
-                exc,
-            )
+            published = await self._publish_patiently(segment, result, _replay_tag(msg))
+        finally:
+            keepalive.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keepalive
+        if not published:
             await self._nak(msg, lease, self.settings.nak_delay_s)
             return
         self.stats["transcribed"] += 1
@@ -303,6 +304,23 @@ class Worker:
         if self._lapsed(msg, lease, "result published"):
             return
         await msg.ack()
+
+    async def _publish_patiently(self, segment: Segment, result: Result, replay: str) -> bool:
+        deadline = time.monotonic() + self.settings.publish_retry_s
+        pause = 0.25
+        while True:
+            try:
+                await self._publish(segment.edge_id, result, replay)
+                return True
+            except (NatsError, TimeoutError) as exc:
+                if time.monotonic() + pause > deadline:
+                    log.warning(
+                        "segment %s:%d: result not published for %.0f s (%r); handing it back",
+                        segment.session_id, segment.segment, self.settings.publish_retry_s, exc,
+                    )  # fmt: skip
+                    return False
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 2.0)
 
     def _lapsed(self, msg: Msg, lease: Lease, done: str) -> bool:
         """True (and logged) when the lease may have lapsed: then this worker must not answer."""

@@ -15,6 +15,9 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True):
     in_progress_every_s: float = 3.0  # well under the consumer's ack_wait (10 s)
     lease_margin_s: float = 1.0  # stop answering for a delivery this long before its lease ends
     nak_delay_s: float = 1.0  # times the delivery count
+    publish_retry_s: float = 30.0  # retry a result's publish through a NATS outage this long
+    nats_creds: str = ""  # a .creds file (JWT + nkey) for NATS, if the server wants one
+    stream_replicas: int = 0  # 0: as in jetstream/streams/*.json
     # The consumer's own max_deliver wins; this bounds attempts where it sets none.
     max_deliver: int = 5
     shutdown_grace_s: float = 20.0
