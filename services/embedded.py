@@ -24,6 +24,8 @@ from aiohttp import web
 
 from jetstream.setup import IncompatibleDefinition, JetStreamUnavailable, apply_all
 from observability.logging import setup_logging
+from observability.metrics import setup_metrics, shutdown_metrics
+from observability.tracing import setup_tracing, shutdown_tracing
 from services.config import from_env
 from services.edge.app import LOOPBACK, EdgeConfigError, admission_key, create_app, make_runner
 from services.edge.settings import EdgeSettings
@@ -256,4 +258,10 @@ def default_data_dir() -> Path:
 
 def run_up(opts: UpOptions) -> int:
     setup_logging(os.environ.get("ESCAPEMENT_LOG_LEVEL", "INFO"))
-    return asyncio.run(_up(opts))
+    setup_tracing("escapement-edge")  # the edge runs in this process
+    setup_metrics("escapement-edge")
+    try:
+        return asyncio.run(_up(opts))
+    finally:
+        shutdown_metrics()
+        shutdown_tracing()

@@ -426,3 +426,53 @@ def test_text_logs(restore_root_logger):
     logging.getLogger("escapement.test").warning("shown")
     (line,) = out.getvalue().splitlines()
     assert line.endswith("WARNING escapement.test: shown")
+
+
+@pytest.mark.slow
+def test_one_trace_from_socket_to_model_and_back(collector, tmp_path, make_test_speech):
+    """`escapement up` exporting to a collector: the edge's publish span and the worker's
+    transcribe span of each segment share one trace, the worker's a child of the edge's."""
+    import asyncio
+
+    import aiohttp
+
+    from loadtest.target import SpawnedUp
+    from services.client import stream_audio
+
+    host, port = collector.server_address[:2]
+    up = SpawnedUp(
+        workers=1,
+        data_dir=tmp_path / "up",
+        env={
+            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://{host}:{port}",
+            "OTEL_BSP_SCHEDULE_DELAY": "200",
+            "OTEL_METRIC_EXPORT_INTERVAL": "1000",
+        },
+    )
+    up.start(timeout=60)
+    try:
+        speech = make_test_speech(["please turn on the lights in the kitchen"])
+
+        async def talk() -> None:
+            async with aiohttp.ClientSession() as http:
+                run = await stream_audio(http, up.url, speech.pcm, 16000, realtime=False)
+            assert run.close_code == 1000 and run.finals
+
+        asyncio.run(talk())
+    finally:
+        assert up.stop() == 0, up.log_tail()
+
+    spans = {}
+    for path, body in collector.received:
+        if path != "/v1/traces":
+            continue
+        for rs in ExportTraceServiceRequest.FromString(body).resource_spans:
+            service = {a.key: a.value.string_value for a in rs.resource.attributes}["service.name"]
+            for ss in rs.scope_spans:
+                for span in ss.spans:
+                    spans.setdefault(span.name, []).append((service, span))
+    (edge_service, publish), *_ = spans["segment.publish"]
+    (worker_service, transcribe), *_ = spans["segment.transcribe"]
+    assert (edge_service, worker_service) == ("escapement-edge", "escapement-worker")
+    assert transcribe.trace_id == publish.trace_id
+    assert transcribe.parent_span_id == publish.span_id

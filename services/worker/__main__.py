@@ -10,6 +10,7 @@ import sys
 
 from jetstream.setup import IncompatibleDefinition, JetStreamUnavailable, apply_all
 from observability.logging import setup_logging
+from observability.metrics import setup_metrics, shutdown_metrics
 from observability.tracing import setup_tracing, shutdown_tracing
 from services.config import SettingsError, from_env
 from services.natsconn import connect
@@ -91,9 +92,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     setup_logging(settings.log_level)
     setup_tracing("escapement-worker")
+    setup_metrics("escapement-worker")
     try:
         return asyncio.run(serve(settings))
     finally:
+        shutdown_metrics()
         shutdown_tracing()
 
 

@@ -56,12 +56,15 @@ from nats.js import api as js_api
 from nats.js.errors import NotFoundError
 
 from jetstream import subjects
+from observability.metrics import Metrics
+from observability.tracing import extract_context, get_tracer
 from schemas.pipeline import Result, ResultMessage, Segment, decode_segment, encode_result
 from services.worker.deadletter import MAX_DELIVERIES, DeadLetters, Queued
 from services.worker.engines import Engine, EngineError
 from services.worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
+tracer = get_tracer("escapement.worker")
 
 DEFAULT_ACK_WAIT_S = 30.0  # nats-server's, for a consumer that names none
 
@@ -109,6 +112,7 @@ class Worker:
             "inference_s": 0.0,
         }
         self.ready = asyncio.Event()
+        self.metrics = Metrics()
 
     async def _in_executor(self, fn: Callable[..., object], *args: object) -> object:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -246,6 +250,19 @@ class Worker:
             log.warning("poison message on %s: %s", msg.subject, exc)
             await self._give_up(msg, lease, "bad_segment", f"undecodable segment: {exc}")
             return
+        with tracer.start_as_current_span(
+            "segment.transcribe",
+            context=extract_context(msg.headers),
+            attributes={
+                "escapement.session": segment.session_id,
+                "escapement.segment": segment.segment,
+                "escapement.tenant": segment.tenant,
+                "escapement.delivery": attempts,
+            },
+        ):
+            await self._transcribe(msg, lease, segment)
+
+    async def _transcribe(self, msg: Msg, lease: Lease, segment: Segment) -> None:
         keepalive = asyncio.create_task(self._keep_lease(msg, lease))
         try:
             assert self.engine is not None
@@ -298,9 +315,14 @@ class Worker:
         if not published:
             await self._nak(msg, lease, self.settings.nak_delay_s)
             return
+        audio_s = (segment.end_ms - segment.start_ms) / 1000
         self.stats["transcribed"] += 1
-        self.stats["audio_s"] += (segment.end_ms - segment.start_ms) / 1000
+        self.stats["audio_s"] += audio_s
         self.stats["inference_s"] += result.inference_ms / 1000
+        attrs = {"tenant": segment.tenant, "engine": result.engine}
+        self.metrics.inference_ms.record(result.inference_ms, attrs)
+        if audio_s > 0:
+            self.metrics.rtf.record(result.inference_ms / 1000 / audio_s, attrs)
         if self._lapsed(msg, lease, "result published"):
             return
         await msg.ack()
