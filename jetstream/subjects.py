@@ -144,3 +144,12 @@ WORKER_SERVICE = "escapement-worker"
 EDGE_SERVICE = "escapement-edge"
 WORKER_STATUS = f"{PREFIX}.control.worker.status"
 EDGE_STATUS = f"{PREFIX}.control.edge.status"
+
+
+def edge_status(edge_id: str) -> str:
+    return f"{EDGE_STATUS}.{check_token(edge_id)}"
+
+
+def service_ping(name: str) -> str:
+    """NATS micro discovery: every instance of service `name` answers."""
+    return f"$SRV.PING.{name}"

@@ -78,7 +78,7 @@ class Final(msgspec.Struct, tag=True, kw_only=True):
 
 class SpeechEnded(msgspec.Struct, tag=True, kw_only=True):
     t_ms: int  # end of the utterance (incl. trailing pad) on the timeline
-    segment: int
+    segment: int | None = None  # None: the sound was too short to be speech
 
 
 class Error(msgspec.Struct, tag=True, kw_only=True):

@@ -81,6 +81,7 @@ class SessionRecord(msgspec.Struct, kw_only=True):
     state: str = "open"  # open | detached (socket lost: resumable) | closed (CloseStream)
     detached_at: float = 0.0  # unix seconds
     v: int = SCHEMA_VERSION
+    failed: list[int] = []  # recent segments the edge could not queue (no result will come)
 
 
 _segment_encoder = msgspec.msgpack.Encoder()

@@ -98,9 +98,12 @@ async def open_stream(
     fast: bool = False,
 ) -> aiohttp.ClientWebSocketResponse:
     """Just the upgrade; raises `Refused` (status, reason, Retry-After) if the edge says no."""
-    url = stream_url(base_url, sample_rate, language, token=token, fast=fast)
+    url = stream_url(base_url, sample_rate, language, fast=fast)
+    headers = (
+        {"Authorization": f"Bearer {token}"} if token else None
+    )  # not in the URL: URLs get logged
     try:
-        return await http.ws_connect(url, max_msg_size=0, autoping=True)
+        return await http.ws_connect(url, max_msg_size=0, autoping=True, headers=headers)
     except aiohttp.WSServerHandshakeError as exc:
         headers = exc.headers or {}
         retry = headers.get("Retry-After")

@@ -7,6 +7,8 @@ import json
 
 from nats.aio.client import Client as NATS
 
+from jetstream import subjects
+
 
 async def ping_services(nc: NATS, name: str, wait: float = 0.25) -> list[dict[str, object]]:
     """Every instance of service `name` that answers a ping within `wait` seconds."""
@@ -21,7 +23,7 @@ async def ping_services(nc: NATS, name: str, wait: float = 0.25) -> list[dict[st
 
     sub = await nc.subscribe(inbox, cb=collect)
     try:
-        await nc.publish(f"$SRV.PING.{name}", b"", reply=inbox)
+        await nc.publish(subjects.service_ping(name), b"", reply=inbox)
         await nc.flush()
         await asyncio.sleep(wait)
     finally:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import re
 import secrets
 import sys
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from nats.js.errors import NotFoundError
 
 from jetstream import subjects
 from services.config import nats_servers
+from services.natsconn import redact
 
 H = subjects.Header
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
@@ -146,11 +146,6 @@ async def replay(js: JetStreamContext, item: Stored) -> str:
     return f"replayed {name}: queued as {subjects.STREAM_SEGMENTS} seq {ack.seq}"
 
 
-def shown(url: str) -> str:
-    """A NATS URL fit to print: any user and password left out."""
-    return ",".join(re.sub(r"//[^/@]*@", "//", one) for one in url.split(","))
-
-
 def table(letters: list[DeadLetter]) -> str:
     rows = [("SEGMENT", "SESSION", "REASON", "ATTEMPTS", "WHEN")]
     rows += [
@@ -182,20 +177,20 @@ async def connect(url: str) -> NATS:
     except (OSError, NatsError, TimeoutError) as exc:
         why = last[-1] if last else exc
         raise Unreachable(
-            f"cannot reach NATS at {shown(url)}: {why or type(why).__name__}"
+            f"cannot reach NATS at {redact(url)}: {why or type(why).__name__}"
         ) from None
     try:
         await nc.jetstream().stream_info(subjects.STREAM_DEAD)
     except NotFoundError:
         await nc.close()
         raise Unreachable(
-            f"NATS at {shown(url)} has no {subjects.STREAM_DEAD} stream: is this Escapement's NATS? "
+            f"NATS at {redact(url)} has no {subjects.STREAM_DEAD} stream: is this Escapement's NATS? "
             "(the edge or `escapement up` creates it)"
         ) from None
     except (NatsError, TimeoutError) as exc:
         await nc.close()
         raise Unreachable(
-            f"NATS at {shown(url)} does not answer JetStream requests: {exc!r}"
+            f"NATS at {redact(url)} does not answer JetStream requests: {exc!r}"
         ) from None
     return nc
 

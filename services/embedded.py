@@ -21,6 +21,7 @@ from pathlib import Path
 
 import platformdirs
 from aiohttp import web
+from nats.errors import Error as NatsError
 
 from jetstream.setup import IncompatibleDefinition, JetStreamUnavailable, apply_all
 from observability.logging import setup_logging
@@ -224,7 +225,8 @@ async def _announce_workers(app: web.Application, expected: int, stopping: async
         log.info("no workers: new sessions are refused (no_workers)")
         return
     while not stopping.is_set():
-        await admission.refresh_workers()
+        with contextlib.suppress(NatsError, TimeoutError):  # NATS busy: ask again
+            await admission.refresh_workers()
         if admission.workers >= expected:
             log.info("%d worker(s) ready", admission.workers)
             return

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 import aiohttp
@@ -91,7 +92,8 @@ async def test_backlog_over_high_water_refuses_until_below_low_water(
         assert stats["sessions"]["refused"]["queue_full"] == 5
 
 
-async def test_auth_cases(nats_server, nc: NATS, http) -> None:  # type: ignore[no-untyped-def]
+async def test_auth_cases(nats_server, nc: NATS, http, caplog) -> None:  # type: ignore[no-untyped-def]
+    caplog.set_level(logging.INFO, logger="aiohttp.access")
     key = "device-key-for-tests-0123456789"
     async with run_edge(
         nats_server.url,
@@ -123,6 +125,11 @@ async def test_auth_cases(nats_server, nc: NATS, http) -> None:  # type: ignore[
             "invalid_credentials": 3,
             "expired_token": 1,
         }
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "/v1/stream" in logged  # the access log is on ...
+    assert (
+        key not in logged and token not in logged and expired not in logged
+    )  # ... secrets are not
 
 
 async def test_connection_limits(nats_server, nc: NATS, http) -> None:  # type: ignore[no-untyped-def]

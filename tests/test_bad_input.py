@@ -110,3 +110,26 @@ async def test_idle_socket_is_closed(nats_server, nc, http: aiohttp.ClientSessio
         async with http.ws_connect(f"{edge.url}/v1/stream") as ws:
             code, reason = await _closed_with(ws)
     assert code == 4008 and "idle" in reason
+
+
+def test_every_server_event_decodes_on_the_client() -> None:
+    """What the edge sends for a click (SpeechEnded without a segment) must decode."""
+    for event in (
+        ev.SpeechEnded(t_ms=120, segment=None),
+        ev.SpeechEnded(t_ms=3000, segment=4),
+        ev.Error(code="x", message="y"),
+        ev.Overloaded(message="full", segment=2),
+    ):
+        assert ev.decode_event(ev.encode_event(event)) == event
+
+
+async def test_a_huge_jump_in_chunk_numbers_is_refused_not_filled(
+    edge: RunningEdge, http: aiohttp.ClientSession
+) -> None:
+    """Filling a claimed gap of hours with silence would eat the edge's memory."""
+    async with http.ws_connect(f"{edge.url}/v1/stream?framing=msgpack&pace=fast") as ws:
+        await ws.send_bytes(ev.encode_chunk(ev.AudioChunk(seq=0, pcm=bytes(3200))))
+        for seq in range(10**7, 10**7 + 12):
+            await ws.send_bytes(ev.encode_chunk(ev.AudioChunk(seq=seq, pcm=bytes(3200))))
+        code, reason = await _closed_with(ws)
+    assert code == 1007 and "gap" in reason

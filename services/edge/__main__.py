@@ -11,7 +11,7 @@ from observability.logging import setup_logging
 from observability.metrics import setup_metrics, shutdown_metrics
 from observability.tracing import setup_tracing, shutdown_tracing
 from services.config import SettingsError, from_env
-from services.edge.app import EdgeConfigError, create_app
+from services.edge.app import AccessLogger, EdgeConfigError, create_app
 from services.edge.settings import EdgeSettings
 
 
@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
             print=None,
             keepalive_timeout=settings.handshake_timeout_s,
             backlog=settings.listen_backlog,
+            access_log_class=AccessLogger,
         )
     finally:
         shutdown_metrics()

@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from aiohttp import WSCloseCode, web
+from aiohttp.abc import AbstractAccessLogger
 from nats.aio.client import Client as NATS
+from nats.errors import Error as NatsError
 from nats.micro import add_service
 from nats.micro.request import Request
 
@@ -134,22 +136,31 @@ async def stream_handler(request: web.Request) -> web.StreamResponse:
     missed: list[ResultMessage] = []
     owed: list[int] = []
     resume = request.query.get("resume")
+    after = -1
     if resume:
         try:
             session_id = verify_resume_token(app[secret_key], resume, principal.tenant)
-            after = int(request.query.get("last_segment", "-1"))
+            after = max(-1, int(request.query.get("last_segment", "-1")))
             await _retire(app[router_key].sessions.get(session_id), settings)
             record = await store.for_resume(session_id, principal.tenant, settings.resume_window_s)
+            stored = await stored_results(app[nats_key].jetstream(), session_id)
         except AuthError as exc:
             return refuse(request, exc.status, exc.reason, exc.message)
         except ResumeRefused as exc:
             return refuse(request, exc.status, exc.reason, exc.message)
         except ValueError:
             return refuse(request, 400, "bad_last_segment", "last_segment must be an integer")
-        stored = await stored_results(app[nats_key].jetstream(), session_id)
-        missed = sorted((r for r in stored if r.segment > after), key=lambda r: r.segment)
+        except (NatsError, TimeoutError):
+            return refuse(
+                request, 503, "nats_unavailable", "session store unreachable", retry_after=2
+            )
+        missed = _missed(stored, after)
         have = {r.segment for r in stored}
-        owed = [n for n in range(after + 1, record.next_segment) if n not in have]
+        owed = [
+            n
+            for n in range(after + 1, record.next_segment)
+            if n not in have and n not in record.failed
+        ]
         record.edge_id = edge_id
         record.state = "open"
         context = [r.text for r in sorted(stored, key=lambda r: r.segment) if isinstance(r, Result)]
@@ -177,6 +188,7 @@ async def stream_handler(request: web.Request) -> web.StreamResponse:
         params=params,
         record=record,
         metrics=app[metrics_key],
+        delivered_below=after + 1,
         resume_token=mint_resume_token(
             app[secret_key],
             principal.tenant,
@@ -226,6 +238,15 @@ async def stream_handler(request: web.Request) -> web.StreamResponse:
         stats.publish_retries += session.counters.publish_retries
         log.info("session %s closed %s: %s", session.id, code, session.counters)
     return ws
+
+
+def _missed(stored: list[ResultMessage], after: int) -> list[ResultMessage]:
+    """The stored results after `after`, one per segment (a Final over an earlier Error), in order."""
+    best: dict[int, ResultMessage] = {}
+    for result in stored:
+        if result.segment > after and not isinstance(best.get(result.segment), Result):
+            best[result.segment] = result
+    return [best[n] for n in sorted(best)]
 
 
 async def _retire(previous: Session | None, settings: EdgeSettings) -> None:
@@ -328,7 +349,7 @@ def _nats_ctx(settings: EdgeSettings):  # type: ignore[no-untyped-def]
             metadata={"edge_id": app[edge_id_key]},
         )
         await service.add_endpoint(
-            name="status", subject=f"{subjects.EDGE_STATUS}.{app[edge_id_key]}", handler=status
+            name="status", subject=subjects.edge_status(app[edge_id_key]), handler=status
         )
         yield
         await admission.stop()
@@ -382,10 +403,29 @@ def _auth_setup(settings: EdgeSettings) -> tuple[Authenticator, bytes]:
     return Authenticator(secret, keys, enabled=settings.auth_enabled), secret
 
 
+class AccessLogger(AbstractAccessLogger):
+    """Access log lines without the query string: `?token=` and `?resume=` carry secrets."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        self.logger.info(
+            '%s "%s %s" %s %.3fs',
+            request.remote,
+            request.method,
+            request.path,
+            response.status,
+            time,
+        )
+
+
 def make_runner(app: web.Application) -> web.AppRunner:
     """An AppRunner whose keep-alive timeout also bounds slow handshakes."""
     settings = app[settings_key]
-    return web.AppRunner(app, handle_signals=False, keepalive_timeout=settings.handshake_timeout_s)
+    return web.AppRunner(
+        app,
+        handle_signals=False,
+        keepalive_timeout=settings.handshake_timeout_s,
+        access_log_class=AccessLogger,
+    )
 
 
 def create_app(settings: EdgeSettings) -> web.Application:

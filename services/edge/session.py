@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import msgspec
 from aiohttp import WSCloseCode, WSMsgType, web
 from nats.errors import Error as NatsError
+from nats.errors import MaxPayloadError
 from nats.js import JetStreamContext
 from nats.js.errors import APIError
 
@@ -38,7 +39,7 @@ from schemas.pipeline import (
 from services.edge.params import StreamParams
 from services.edge.settings import EdgeSettings
 from services.edge.store import SessionStore
-from services.edge.timeline import Timeline
+from services.edge.timeline import Timeline, TimelineGap
 from services.edge.vad import Discarded, Segmenter, SpeechStart, Utterance, VadConfig
 
 log = logging.getLogger(__name__)
@@ -110,6 +111,7 @@ class Session:
         record: SessionRecord,
         resume_token: str,
         metrics: Metrics | None = None,
+        delivered_below: int = 0,
     ) -> None:
         self.ws = ws
         self.js = js
@@ -133,7 +135,11 @@ class Session:
                 endpoint_ms=settings.endpoint_ms,
                 trailing_pad_ms=settings.trailing_pad_ms,
                 min_speech_ms=settings.min_speech_ms,
-                max_utterance_ms=settings.max_utterance_ms,
+                # a segment must fit a NATS message: at 48 kHz that is ~9 s, not 15
+                max_utterance_ms=min(
+                    settings.max_utterance_ms,
+                    settings.max_segment_bytes * 1000 // (2 * params.sample_rate),
+                ),
             ),
         )
         self.timeline = (
@@ -143,7 +149,8 @@ class Session:
         )
         self._next_segment = record.next_segment
         self.outstanding: dict[int, float] = {}  # segment -> when it was queued (monotonic)
-        self.delivered = Delivered()
+        self.delivered = Delivered(delivered_below)
+        self._errored: set[int] = set()  # answered with an Error; a replayed Final may follow
         self._settled = asyncio.Event()
         self._settled.set()
         self._recent: deque[str] = deque()
@@ -181,8 +188,18 @@ class Session:
 
     def on_result(self, result: ResultMessage) -> None:
         number = result.segment
+        if number < 0:  # an error about a segment nobody could number (a dead letter)
+            self.counters.errors += 1
+            self.send(
+                ev.Error(code=result.code, message=result.message)
+                if isinstance(result, ErrorResult)
+                else ev.Error(code="bad_result", message="a result without a segment number")
+            )
+            return
         if number in self.delivered:
-            return  # a redelivered segment transcribed twice: the device sees it once
+            if not (isinstance(result, Result) and number in self._errored):
+                return  # a redelivered segment transcribed twice: the device sees it once
+            self._errored.discard(number)  # replayed from the dead letters: now it has a Final
         self.delivered.add(number)
         self.metrics.results_delivered.add(1, self._attrs)
         queued_at = self.outstanding.get(number)
@@ -203,6 +220,7 @@ class Session:
             )
             self.remember(result.text)
         elif isinstance(result, ErrorResult):
+            self._errored.add(number)
             self.counters.errors += 1
             self.send(ev.Error(code=result.code, message=result.message, segment=number))
         self._settle(number)
@@ -380,7 +398,11 @@ class Session:
                 WSCloseCode.INVALID_TEXT,
                 f"invalid AudioChunk seq={chunk.seq} ({len(chunk.pcm)} bytes of pcm)",
             )
-        for pcm in self.timeline.push(chunk):
+        try:
+            pieces = self.timeline.push(chunk)
+        except TimelineGap as exc:
+            raise ProtocolError(WSCloseCode.INVALID_TEXT, str(exc)) from None
+        for pcm in pieces:
             self._feed(pcm)
 
     def _feed(self, pcm: bytes) -> None:
@@ -417,31 +439,48 @@ class Session:
         self.outstanding[number] = time.monotonic()
         self._settled.clear()
         if self._pub_bytes + len(utt.pcm) > self.settings.publish_buffer_bytes:
-            self._give_up(
+            self._failed(
                 number, "publish_buffer_full", f"segment {number} could not be queued: buffer full"
             )
             return
         self._pub_bytes += len(utt.pcm)
         self._pubq.put_nowait(_Queued(number, segment, time.monotonic()))
 
-    def _give_up(self, number: int, code: str, message: str) -> None:
+    def _failed(self, number: int, code: str, message: str, overloaded: bool = False) -> None:
+        """A segment this edge could not queue: the device is told, the record remembers."""
         log.warning("session %s: %s", self.id, message)
         self.metrics.segments_failed.add(1, {ATTR_REASON: code, **self._attrs})
         self.counters.errors += 1
-        self.send(ev.Error(code=code, message=message, segment=number))
+        failed = self.record.failed
+        failed.append(number)
+        del failed[: max(0, len(failed) - 100)]  # bounded: a resume stops waiting for these
+        if overloaded:
+            self.send(ev.Overloaded(message=message, segment=number))
+        else:
+            self.send(ev.Error(code=code, message=message, segment=number))
         self._settle(number)
 
     async def _publish_loop(self) -> None:
-        while True:
-            item = await self._pubq.get()
-            if item is None:
-                return
-            try:
-                await self._publish(item)
-            finally:
-                self._pub_bytes -= len(item.segment.pcm)
-            if not self.superseded:
-                await self._save()
+        try:
+            while True:
+                item = await self._pubq.get()
+                if item is None:
+                    return
+                try:
+                    await self._publish(item)
+                finally:
+                    self._pub_bytes -= len(item.segment.pcm)
+                if not self.superseded:
+                    await self._save()
+        except asyncio.CancelledError:
+            # out of time (the session is closing): whatever is still waiting is told, not lost
+            while not self._pubq.empty():
+                left = self._pubq.get_nowait()
+                if left is not None:
+                    self._failed(
+                        left.number, "publish_failed", f"segment {left.number} could not be queued"
+                    )
+            raise
 
     async def _publish(self, item: _Queued) -> None:
         """Queue one segment on JetStream; retry through an outage (dedup makes retries safe)."""
@@ -464,34 +503,23 @@ class Session:
             inject_headers(headers)
             while True:
                 try:
-                    await self.js.publish(
-                        subject, payload, headers=headers, timeout=self.settings.publish_timeout_s
-                    )
+                    left = self.settings.outage_buffer_s - (time.monotonic() - item.queued_at)
+                    timeout = max(1.0, min(self.settings.publish_timeout_s, left))
+                    await self.js.publish(subject, payload, headers=headers, timeout=timeout)
                     break
-                except APIError as exc:
-                    log.warning(
-                        "session %s: segment %d refused: %s", self.id, number, exc.description
-                    )
-                    self.counters.errors += 1
-                    self.metrics.segments_failed.add(
-                        1, {ATTR_REASON: "queue_refused", **self._attrs}
-                    )
-                    self.send(
-                        ev.Overloaded(
-                            message=f"the queue refused segment {number}: {exc.description}",
-                            segment=number,
-                        )
-                    )
-                    self._settle(number)
+                except APIError as exc:  # JetStream's own limits (discard: new)
+                    message = f"the queue refused segment {number}: {exc.description}"
+                    self._failed(number, "queue_refused", message, overloaded=True)
+                    return
+                except MaxPayloadError as exc:  # not an outage: it will never fit
+                    self._failed(number, "segment_too_large", f"segment {number}: {exc}")
                     return
                 except (NatsError, TimeoutError) as exc:
                     waited = time.monotonic() - item.queued_at
                     if waited >= self.settings.outage_buffer_s:
-                        self._give_up(
-                            number,
-                            "publish_failed",
-                            f"segment {number} could not be queued for {waited:.0f} s ({type(exc).__name__})",
-                        )
+                        why = type(exc).__name__
+                        message = f"segment {number} could not be queued for {waited:.0f} s ({why})"
+                        self._failed(number, "publish_failed", message)
                         return
                     self.counters.publish_retries += 1
                     await asyncio.sleep(min(0.5, self.settings.outage_buffer_s - waited))
@@ -519,7 +547,11 @@ class Session:
 
     async def _flush(self) -> None:
         if self.timeline is not None:
-            for pcm in self.timeline.flush():
+            try:
+                pieces = self.timeline.flush()
+            except TimelineGap as exc:
+                raise ProtocolError(WSCloseCode.INVALID_TEXT, str(exc)) from None
+            for pcm in pieces:
                 self._feed(pcm)
         for event in self.segmenter.flush():
             self._on_vad(event)
@@ -545,3 +577,5 @@ async def _finish(task: asyncio.Task[None], within_s: float) -> None:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+    except Exception:  # noqa: BLE001 - a failed task must not stop the rest of the close
+        log.exception("session task %s failed", task.get_name())

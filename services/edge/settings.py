@@ -18,6 +18,7 @@ class EdgeSettings(msgspec.Struct, frozen=True, kw_only=True):
     trailing_pad_ms: int = 300
     min_speech_ms: int = 150
     max_utterance_ms: int = 15000
+    max_segment_bytes: int = 900_000  # audio per segment: under NATS's 1 MiB message limit
     reorder_chunks: int = 8  # numbered chunks held to repair reordering
     prompt_chars: int = 100  # recent text sent with each segment as context (costs inference time)
     # admission (new sessions only)

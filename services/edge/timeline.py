@@ -25,8 +25,13 @@ class TimelineStats:
     silence_ms: float = 0.0
 
 
+class TimelineGap(ValueError):
+    """A device claims a gap too long to be loss (a jump in seq or capture_ms)."""
+
+
 class Timeline:
-    def __init__(self, sample_rate: int, reorder_chunks: int = 8) -> None:
+    def __init__(self, sample_rate: int, reorder_chunks: int = 8, max_gap_ms: int = 10_000) -> None:
+        self.max_gap_bytes = self._bytes_for_ms_at(max_gap_ms, sample_rate)
         self.sample_rate = sample_rate
         self.reorder_chunks = reorder_chunks
         self.stats = TimelineStats()
@@ -38,6 +43,10 @@ class Timeline:
         self._origin_ms: int | None = None  # capture_ms of the first chunk
         # seqs given up as lost (recent gaps), to tell a late chunk from a duplicate
         self._lost: deque[range] = deque(maxlen=256)
+
+    @staticmethod
+    def _bytes_for_ms_at(ms: float, sample_rate: int) -> int:
+        return int(ms * sample_rate / 1000) * 2
 
     def _bytes_for_ms(self, ms: float) -> int:
         return int(ms * self.sample_rate / 1000) * 2
@@ -97,6 +106,11 @@ class Timeline:
         else:
             fill = missing * self._typical_len
         fill = max(0, fill)
+        if fill > self.max_gap_bytes:
+            raise TimelineGap(
+                f"chunk seq {first} would leave a gap of {fill / 2 / self.sample_rate:.1f} s "
+                f"after seq {self._next - 1}; more than {self.max_gap_bytes / 2 / self.sample_rate:g} s is not loss"
+            )
         self.stats.lost += missing
         if missing:
             self._lost.append(range(self._next, first))

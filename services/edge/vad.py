@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import webrtcvad
 
-SUPPORTED_RATES = (8000, 16000, 32000, 48000)
+from services.audio import SUPPORTED_RATES
 
 
 @dataclass(frozen=True, slots=True)

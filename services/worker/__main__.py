@@ -34,7 +34,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 async def serve(settings: WorkerSettings) -> int:
     try:
-        model_path = resolve_model(settings.model)
+        model_path = await asyncio.to_thread(resolve_model, settings.model)  # may join files
     except ModelNotFound as exc:
         log.error("%s", exc)
         return 2

@@ -246,7 +246,9 @@ class Worker:
             return
         try:
             segment = decode_segment(msg.data)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            subjects.check_token(segment.edge_id)  # they become subjects of the result
+            subjects.check_token(segment.session_id)
+        except (msgspec.DecodeError, msgspec.ValidationError, subjects.InvalidToken) as exc:
             log.warning("poison message on %s: %s", msg.subject, exc)
             await self._give_up(msg, lease, "bad_segment", f"undecodable segment: {exc}")
             return
