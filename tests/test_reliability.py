@@ -428,23 +428,23 @@ async def test_sigterm_finishes_or_hands_back_in_flight_work(
 async def test_chaos_every_final_arrives_exactly_once(
     nc: NATS, nats_server, http, spawn_worker, make_test_speech
 ) -> None:  # type: ignore[no-untyped-def]
-    """3 worker processes; 12 devices stream speech in real time; every 2 s for 20 s
+    """3 worker processes; 20 devices stream speech in real time; every 2 s for 20 s
     a random worker is SIGKILLed and a new one started. Every segment the edge
     announced reaches its device as a Final, exactly once."""
     js = nc.jetstream()
-    sessions, kills, every_s = 12, 10, 2.0
+    sessions, kills, every_s = 20, 10, 2.0
     rng = random.Random(4786)
     workers = [spawn_worker() for _ in range(3)]
     every_worker = list(workers)
     for w in workers:
         await w.ready()
     speeches = [
-        make_test_speech([SENTENCES[(i + k) % len(SENTENCES)] for k in range(5)])
+        make_test_speech([SENTENCES[(i + k) % len(SENTENCES)] for k in range(3)])
         for i in range(sessions)
     ]
 
     async def device(i: int) -> StreamRun:
-        await asyncio.sleep(i * 0.4)  # devices join over ~5 s
+        await asyncio.sleep(i * 0.25)  # devices join over ~5 s
         speech = speeches[i]
         return await stream_audio(
             http, edge.url, speech.pcm, speech.sample_rate, realtime=True, close_timeout=120
