@@ -73,7 +73,7 @@ async def nc(nats_server: NatsServer) -> AsyncIterator[NATS]:
     try:
         yield conn
     finally:
-        await conn.close()
+        await asyncio.wait_for(conn.close(), timeout=10)
 
 
 def free_port() -> int:
