@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
             keepalive_timeout=settings.handshake_timeout_s,
             backlog=settings.listen_backlog,
             access_log_class=AccessLogger,
+            shutdown_timeout=settings.drain_s + 5,
         )
     finally:
         shutdown_metrics()

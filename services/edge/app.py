@@ -371,9 +371,14 @@ async def _drain_sessions(app: web.Application) -> None:
     sessions = list(app[sessions_key])
     if sessions:
         log.info("draining %d session(s) for up to %.0fs", len(sessions), app[settings_key].drain_s)
-    await asyncio.gather(
-        *(s.drain(app[settings_key].drain_s) for s in sessions), return_exceptions=True
-    )
+    drain_s = app[settings_key].drain_s
+    try:  # bounded as a whole: a socket that will not close must not hold the shutdown
+        await asyncio.wait_for(
+            asyncio.gather(*(s.drain(drain_s) for s in sessions), return_exceptions=True),
+            timeout=drain_s + 5,
+        )
+    except TimeoutError:
+        log.warning("shutdown: some sessions did not close within %.0fs", drain_s + 5)
 
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -426,6 +431,7 @@ def make_runner(app: web.Application) -> web.AppRunner:
         handle_signals=False,
         keepalive_timeout=settings.handshake_timeout_s,
         access_log_class=AccessLogger,
+        shutdown_timeout=settings.drain_s + 5,  # handlers still running after the drain
     )
 
 
