@@ -50,9 +50,6 @@ def segments_subject(edge_id: str, session_id: str) -> str:
     return f"{PREFIX}.segments.{check_token(edge_id)}.{check_token(session_id)}"
 
 
-SEGMENTS_ALL = f"{PREFIX}.segments.>"
-
-
 def ids_from_segments_subject(subject: str) -> tuple[str, str] | None:
     """`asr.segments.<edge>.<session>` -> (edge, session); None for any other subject."""
     parts = subject.split(".")
@@ -101,9 +98,6 @@ def results_for_edge(edge_id: str) -> str:
 def results_for_session(session_id: str) -> str:
     """A session's stored results, whichever edge it was on (for resume)."""
     return f"{PREFIX}.results.*.{check_token(session_id)}"
-
-
-RESULTS_ALL = f"{PREFIX}.results.>"
 
 
 def session_of_results_subject(subject: str) -> str:

@@ -13,8 +13,6 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from services.audio import read_wav, wav_bytes, write_wav  # noqa: F401  (re-exported)
 
 SENTENCES = [
@@ -114,10 +112,3 @@ def make_speech(
     sentences: list[str], cache_dir: Path, sample_rate: int = 16000, gap_s: float = 1.0
 ) -> Speech:
     return join([speak(s, cache_dir, sample_rate) for s in sentences], gap_s=gap_s)
-
-
-def rms_dbfs(pcm: bytes) -> float:
-    x = np.frombuffer(pcm, dtype=np.int16).astype(np.float64)
-    if x.size == 0:
-        return -120.0
-    return float(20 * np.log10(max(np.sqrt(np.mean(x * x)), 1e-6) / 32768))

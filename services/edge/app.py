@@ -264,6 +264,8 @@ async def _retire(previous: Session | None, settings: EdgeSettings) -> None:
 async def stats_handler(request: web.Request) -> web.Response:
     body = request.app[stats_key].as_dict(active=len(request.app[sessions_key]))
     body["edge_id"] = request.app[edge_id_key]
+    router = request.app[router_key]
+    body["results"] = {"unroutable": router.unroutable, "recovered": router.recovered}
     return web.json_response(body)
 
 
