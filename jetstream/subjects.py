@@ -8,6 +8,7 @@ client input ever becomes `.`, `*` or `>` in a subject.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from enum import StrEnum
 
 PREFIX = "asr"
@@ -16,9 +17,14 @@ STREAM_SEGMENTS = "ASR_SEGMENTS"
 STREAM_TRANSCRIPTS = "ASR_TRANSCRIPTS"
 STREAM_DEAD = "ASR_DEAD"
 CONSUMER_WORKERS = "workers"
+# Interim looks at speech still going on: memory, one waiting per session (the newest).
+STREAM_INTERIMS = "ASR_INTERIMS"
+CONSUMER_INTERIMS = "interim-workers"
 KV_SESSIONS = "ASR_SESSIONS"  # key-value bucket (stream KV_ASR_SESSIONS): key = session id
 
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# fullmatch: no sign, no space, no newline; `-<revision>` after the number
+_NUMBER = re.compile(r"[0-9]{1,18}(-[0-9]{1,18})?")
 
 
 class Header(StrEnum):
@@ -33,6 +39,9 @@ class Header(StrEnum):
     DEAD_SUBJECT = "Escapement-Dead-Subject"  # the subject it was queued on
     DEAD_SEQUENCE = "Escapement-Dead-Sequence"  # its sequence on ASR_SEGMENTS
     DEAD_SEGMENT = "Escapement-Dead-Segment"  # its Nats-Msg-Id there ("<session>:<n>[:replay-...]")
+    # On a segment queued again by `escapement dlq replay`: its replay tag
+    # (`replay_tag`), which makes the ids of its result fresh (`result_msg_id`).
+    REPLAY = "Escapement-Replay"
 
 
 class InvalidToken(ValueError):
@@ -105,32 +114,44 @@ def session_of_results_subject(subject: str) -> str:
     return subject.rsplit(".", 1)[-1]
 
 
-def segment_msg_id(session_id: str, segment: int) -> str:
-    return f"{session_id}:{segment}"
+def segment_msg_id(session_id: str, segment: int, revision: int = 0) -> str:
+    """One queued segment per (number, revision): a later revision of a number is new work."""
+    return f"{session_id}:{segment}" if revision == 0 else f"{session_id}:{segment}-{revision}"
+
+
+def replay_tag(nonce: str) -> str:
+    """The tag of one replay of a dead letter (the `Header.REPLAY` it carries)."""
+    return f"replay-{check_token(nonce)}"
+
+
+def replay_tag_of(headers: Mapping[str, str] | None) -> str:
+    """The replay tag a queued segment carries; '' for an original (or a malformed tag)."""
+    tag = (headers or {}).get(Header.REPLAY, "")
+    return tag if tag.startswith("replay-") and _TOKEN.match(tag) else ""
 
 
 def replay_msg_id(session_id: str, segment: int, tag: str) -> str:
     """A dead letter queued again: a fresh id, so dedup does not swallow it."""
-    return f"{session_id}:{segment}:replay-{check_token(tag)}"
+    return f"{segment_msg_id(session_id, segment)}:{check_token(tag)}"
 
 
-def parse_segment_msg_id(msg_id: str) -> tuple[str, int, str] | None:
-    """`<session>:<n>[:replay-<tag>]` -> (session, n, replay tag or ''); None if malformed."""
+def parse_segment_msg_id(msg_id: str) -> tuple[str, int] | None:
+    """The (session, n) of a segment's id, `<session>:<n>` or a replay's
+    `<session>:<n>:replay-<tag>` (kept in a dead letter's `Header.DEAD_SEGMENT`);
+    None if malformed."""
     parts = msg_id.split(":")
-    if len(parts) not in (2, 3) or not _TOKEN.match(parts[0]) or not parts[1].isdigit():
+    if len(parts) not in (2, 3) or not _TOKEN.match(parts[0]) or not _NUMBER.fullmatch(parts[1]):
         return None
-    replay = ""
-    if len(parts) == 3:
-        if not parts[2].startswith("replay-") or not _TOKEN.match(parts[2]):
-            return None
-        replay = parts[2]
-    return parts[0], int(parts[1]), replay
+    if len(parts) == 3 and not (parts[2].startswith("replay-") and _TOKEN.match(parts[2])):
+        return None
+    return parts[0], int(parts[1].split("-", 1)[0])
 
 
-def result_msg_id(session_id: str, segment: int, replay: str = "") -> str:
-    """One stored result per segment (per replay of it: a replay is answered afresh)."""
+def result_msg_id(session_id: str, segment: int, replay: str = "", revision: int = 0) -> str:
+    """One stored result per segment revision (per replay of it: a replay is answered afresh)."""
     suffix = f":{replay}" if replay else ""
-    return f"{session_id}:{segment}:result{suffix}"
+    rev = f"-{revision}" if revision else ""
+    return f"{session_id}:{segment}:result{rev}{suffix}"
 
 
 # NATS micro services (`nats micro ls|info|stats`)
@@ -147,3 +168,17 @@ def edge_status(edge_id: str) -> str:
 def service_ping(name: str) -> str:
     """NATS micro discovery: every instance of service `name` answers."""
     return f"$SRV.PING.{name}"
+
+
+def interims_subject(edge_id: str, session_id: str) -> str:
+    """Where the edge publishes a session's interim looks (ASR_INTERIMS keeps the newest)."""
+    return f"{PREFIX}.interims.{check_token(edge_id)}.{check_token(session_id)}"
+
+
+def partials_subject(edge_id: str, session_id: str) -> str:
+    """Where a worker publishes an interim result (core NATS only: never stored)."""
+    return f"{PREFIX}.partials.{check_token(edge_id)}.{check_token(session_id)}"
+
+
+def partials_for_edge(edge_id: str) -> str:
+    return f"{PREFIX}.partials.{check_token(edge_id)}.>"

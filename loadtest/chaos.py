@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from urllib.parse import urlsplit
 import psutil
 
 from loadtest.monitor import Targets, _alive
+from services.procs import Child, spawn
 
 BUSY_CPU = 20.0  # % of a core: a worker this busy is probably mid-job
 
@@ -41,7 +41,7 @@ class Chaos:
     nats_url: str = ""
     busy_wait_s: float = 5.0  # how long to wait for a busy worker to kill
     events: list[dict[str, Any]] = field(default_factory=list)
-    started_nats: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    started_nats: list[Child] = field(default_factory=list)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
     _log_dir: Path | None = None
 
@@ -186,21 +186,13 @@ class Chaos:
             listening_after_s=round(time.monotonic() - t0, 2) if up else None,
         )  # fmt: skip
 
-    def _start_nats(self, cmd: list[str], cwd: str) -> tuple[subprocess.Popen[bytes], Path]:
+    def _start_nats(self, cmd: list[str], cwd: str) -> tuple[Child, Path]:
         if self._log_dir is None:
             self._log_dir = Path(tempfile.mkdtemp(prefix="escapement-chaos-"))
         log_path = self._log_dir / f"nats-server-{len(self.started_nats)}.log"
-        with log_path.open("ab") as out:
-            # its own session: it outlives this run when the `escapement up` is not ours
-            proc = subprocess.Popen(
-                cmd,
-                cwd=cwd,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        return proc, log_path
+        # its own session: it outlives this run when the `escapement up` is not ours
+        child = spawn(cmd, log_path, cwd=cwd, new_session=True, name="nats-server")
+        return child, log_path
 
     def _port(self, proc: psutil.Process) -> int | None:
         if self.nats_url:
@@ -218,14 +210,8 @@ class Chaos:
 
     def stop_started_nats(self) -> None:
         """Stop the nats-servers this run started (when it also owns the `escapement up`)."""
-        for proc in self.started_nats:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+        for child in self.started_nats:
+            child.stop(grace=10)
 
     def summary(self) -> dict[str, Any]:
         kills = [

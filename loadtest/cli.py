@@ -14,6 +14,9 @@ import re
 import sys
 
 DEFAULT_URL = "http://127.0.0.1:8080"
+# What `escapement[loadtest]` installs (pyproject.toml): the scenarios cannot run without it.
+EXTRA_MODULES = frozenset({"hdrh", "jiwer", "matplotlib"})
+EXTRA_INSTALL = "pip install 'escapement[loadtest]'"
 
 
 def duration(text: str) -> float:
@@ -256,8 +259,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _without_extra(exc: ModuleNotFoundError) -> int:
+    """Exit status 2, saying how to install the loadtest extra, when it is what is missing."""
+    missing = (exc.name or "").partition(".")[0]
+    if missing not in EXTRA_MODULES:
+        raise exc
+    print(
+        f"escapement loadtest: needs the loadtest extra ({missing} is missing): {EXTRA_INSTALL}",
+        file=sys.stderr,
+    )
+    return 2
+
+
 def _compare(args: argparse.Namespace) -> int:
-    from loadtest import report
+    try:
+        from loadtest import report
+    except ModuleNotFoundError as exc:
+        return _without_extra(exc)
 
     try:
         a, b = report.load(args.a), report.load(args.b)
@@ -280,8 +298,13 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name, 1) < 1:
             print(f"escapement loadtest: --{name} must be at least 1", file=sys.stderr)
             return 2
-    from loadtest.runner import SCENARIOS, execute
+    try:
+        from loadtest.runner import SCENARIOS, execute
 
+        if args.plot:
+            import matplotlib  # noqa: F401  (now, not after the run)
+    except ModuleNotFoundError as exc:
+        return _without_extra(exc)
     try:
         return asyncio.run(execute(args, SCENARIOS[args.scenario]))
     except KeyboardInterrupt:

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
+import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,18 +29,22 @@ import psutil
 
 from loadtest.speech import SENTENCES, make_speech
 from schemas import device as ev
-from services.natsserver import NatsServer, _free_port
+from services.natsserver import NatsServer
+from services.procs import spawn
+
+_LISTENING = re.compile(r"edge listening on (\S+)")
 
 
 class Edge:
-    """`python -m services.edge` as a process of its own, so its costs are its own."""
+    """`python -m services.edge` as a process of its own, so its costs are its own.
+
+    It binds any free port; `ready()` learns which from its first line."""
 
     def __init__(self, nats_url: str, log: Path, **settings: str) -> None:
-        self.port = _free_port()
         env = {
             **os.environ,
             "NATS_URL": nats_url,
-            "ESCAPEMENT_PORT": str(self.port),
+            "ESCAPEMENT_PORT": "0",
             "ESCAPEMENT_AUTH_ENABLED": "false",
             "ESCAPEMENT_LOG_LEVEL": "WARNING",
             "ESCAPEMENT_IDLE_TIMEOUT_S": "600",
@@ -48,23 +53,22 @@ class Edge:
             **{f"ESCAPEMENT_{k.upper()}": v for k, v in settings.items()},
         }
         self.log_path = log
-        self._log = log.open("wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "services.edge"], env=env, stdout=self._log, stderr=self._log
-        )
-        self.ps = psutil.Process(self.proc.pid)
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.child = spawn([sys.executable, "-m", "services.edge"], log, env=env, name="edge")
+        self.proc = self.child.proc
+        self.ps = psutil.Process(self.child.pid)
+        self.url = ""
 
-    async def ready(self, http: aiohttp.ClientSession) -> None:
-        for _ in range(200):
-            try:
+    async def ready(self, http: aiohttp.ClientSession, within: float = 30.0) -> None:
+        """Once it listens and `/readyz` waits for nothing but (perhaps) workers: none run here."""
+        self.url = (await self.child.wait_for_async(_LISTENING, within)).group(1)
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            with contextlib.suppress(aiohttp.ClientError):
                 async with http.get(f"{self.url}/readyz") as r:
-                    if r.status == 200:
+                    if set((await r.json())["waiting_for"]) <= {"workers"}:
                         return
-            except aiohttp.ClientError:
-                pass
             await asyncio.sleep(0.05)
-        raise RuntimeError("edge not ready")
+        raise RuntimeError(f"edge not ready within {within:g} s:\n{self.child.tail()}")
 
     def rss(self) -> int:
         return int(self.ps.memory_info().rss)
@@ -77,16 +81,12 @@ class Edge:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        if self.proc.poll() is None:
-            await asyncio.to_thread(self.stop)
+        if self.child.returncode is None:
+            await self.child.stop_async(grace=30)
 
     def stop(self) -> int:
-        """SIGTERM, as an operator would; the exit code."""
-        self.proc.terminate()
-        try:
-            return self.proc.wait(30)
-        finally:
-            self._log.close()
+        """SIGTERM, as an operator would (SIGKILL after 30 s); the exit code."""
+        return self.child.stop(grace=30)
 
 
 async def idle_and_active(nats_url: str, tmp: Path, idle: int, active: int, seconds: float) -> None:

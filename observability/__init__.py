@@ -1,13 +1,14 @@
 """Logging, tracing and metrics shared by the services.
 
-Nothing is configured at import. A service's `__main__` calls
-`setup_logging`, `setup_tracing` and `setup_metrics` once, and
-`shutdown_tracing` / `shutdown_metrics` on the way out. Export happens only
-when the standard `OTEL_*` variables name an OTLP endpoint.
+Nothing is configured at import. A service's `__main__` runs inside
+`with telemetry(service_name, log_level):`, which sets up logging, tracing and
+metrics and shuts the exporters down on the way out. Export happens only when
+the standard `OTEL_*` variables name an OTLP endpoint.
 """
 
 from observability.logging import setup_logging
 from observability.metrics import Metrics, get_meter, setup_metrics, shutdown_metrics
+from observability.telemetry import telemetry
 from observability.tracing import (
     extract_context,
     get_tracer,
@@ -28,5 +29,6 @@ __all__ = [
     "setup_tracing",
     "shutdown_metrics",
     "shutdown_tracing",
+    "telemetry",
     "tracer",
 ]

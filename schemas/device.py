@@ -60,10 +60,18 @@ class SpeechStarted(msgspec.Struct, tag=True, kw_only=True):
 
 
 class Interim(msgspec.Struct, tag=True, kw_only=True):
+    """What has been said so far in the utterance that will become `segment`'s Final.
+
+    The first `stable_prefix` words were agreed by two consecutive looks and are
+    not taken back by later interims; the rest may still change. The Final replaces it.
+    """
+
     segment: int
     text: str
     start_ms: int
     end_ms: int
+    words: list[Word] = []
+    stable_prefix: int = 0
 
 
 class Final(msgspec.Struct, tag=True, kw_only=True):
@@ -74,6 +82,7 @@ class Final(msgspec.Struct, tag=True, kw_only=True):
     words: list[Word] = []
     engine: str = ""
     inference_ms: float = 0.0
+    language: str = ""
 
 
 class SpeechEnded(msgspec.Struct, tag=True, kw_only=True):

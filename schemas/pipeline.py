@@ -22,10 +22,20 @@ class Segment(msgspec.Struct, tag=True, kw_only=True, frozen=True):
     sample_rate: int
     pcm: bytes  # s16le mono at sample_rate
     language: str = "en"
-    prompt: str = ""  # recent text of the session, as context for the model
+    prompt: str = ""  # committed text of the session's earlier finals, as context
     tenant: str = "default"
     final: bool = True  # False: an interim look at speech still going on
     v: int = SCHEMA_VERSION
+    # The audio just before start_ms (same rate), starting at an earlier utterance's
+    # start: left context for the model. Words in it are not part of this segment.
+    context_pcm: bytes = b""
+    # (start_ms, end_ms) of each run of voiced frames the edge's VAD heard, on the
+    # session timeline: words far outside them are noise, not speech.
+    voiced: list[tuple[int, int]] = []
+    # Which look at this segment number: an early final published at a pause is void
+    # if speech resumed; only the revision the edge confirmed counts. For an interim,
+    # the look's sequence number within its utterance.
+    revision: int = 0
 
 
 class Word(msgspec.Struct, frozen=True):
@@ -51,6 +61,7 @@ class Result(msgspec.Struct, tag=True, kw_only=True, frozen=True):
     inference_ms: float = 0.0
     language: str = ""
     v: int = SCHEMA_VERSION
+    revision: int = 0  # the segment's revision this answers
 
 
 class ErrorResult(msgspec.Struct, tag=True, kw_only=True, frozen=True):
@@ -62,6 +73,7 @@ class ErrorResult(msgspec.Struct, tag=True, kw_only=True, frozen=True):
     message: str
     retryable: bool = False
     v: int = SCHEMA_VERSION
+    revision: int = 0  # the segment's revision this answers
 
 
 ResultMessage = Result | ErrorResult
@@ -82,6 +94,8 @@ class SessionRecord(msgspec.Struct, kw_only=True):
     detached_at: float = 0.0  # unix seconds
     v: int = SCHEMA_VERSION
     failed: list[int] = []  # recent segments the edge could not queue (no result will come)
+    # recent segment -> the revision that counts: a resume replays only its result
+    revisions: dict[int, int] = {}
 
 
 _segment_encoder = msgspec.msgpack.Encoder()

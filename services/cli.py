@@ -82,17 +82,23 @@ async def _transcribe(args: argparse.Namespace) -> int:
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
-    from services.embedded import UpOptions, run_up
+    from services.config import SettingsError, from_env
+    from services.embedded import UpSettings, run_up
 
-    opts = UpOptions(
-        host=args.host,
-        port=args.port,
-        data_dir=Path(args.data_dir) if args.data_dir else None,
-        workers=args.workers,
-        model=args.model,
-        nats_port=args.nats_port,
-    )
-    return run_up(opts)
+    try:
+        settings = from_env(
+            UpSettings,
+            host=args.host,
+            port=args.port,
+            data_dir=args.data_dir,
+            workers=args.workers,
+            model=args.model,
+            nats_port=args.nats_port,
+        )
+    except SettingsError as exc:
+        print(f"escapement up: {exc}", file=sys.stderr)
+        return 2
+    return run_up(settings)
 
 
 # --- escapement token / key ------------------------------------------------------
@@ -158,18 +164,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     up = sub.add_parser("up", help="run NATS, an edge and workers on this machine")
-    up.add_argument(
-        "--host", default="127.0.0.1", help="where the edge listens (default 127.0.0.1)"
-    )
-    up.add_argument("--port", type=int, default=8080, help="edge port (default 8080)")
+    # Defaults live in UpSettings, so ESCAPEMENT_<OPTION> applies when an option is not given.
+    up.add_argument("--host", help="where the edge listens (default 127.0.0.1)")
+    up.add_argument("--port", type=int, help="edge port (default 8080; 0: any free port)")
     up.add_argument("--data-dir", help="JetStream store and logs (default: the user data dir)")
-    up.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
-    up.add_argument(
-        "--model", default="tiny.en", help="tiny.en (default), base, or a CTranslate2 folder"
-    )
-    up.add_argument(
-        "--nats-port", type=int, default=-1, help="embedded nats-server port (default: random)"
-    )
+    up.add_argument("--workers", type=int, help="worker processes (default 1)")
+    up.add_argument("--model", help="tiny.en (default), base, or a CTranslate2 folder")
+    up.add_argument("--nats-port", type=int, help="embedded nats-server port (default: random)")
     up.set_defaults(func=_cmd_up)
 
     tr = sub.add_parser("transcribe", help="stream a WAV file like a device and print the finals")

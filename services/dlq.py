@@ -4,11 +4,14 @@
     escapement dlq replay (--segment SESSION:N | --all)
     escapement dlq rm (--segment SESSION:N | --all)
 
-A replay queues the original segment again on ASR_SEGMENTS, under a fresh
-Nats-Msg-Id (`<session>:<n>:replay-<tag>`) so the stream's dedup window does
-not swallow it, then removes the dead letter. Its result goes to the
-session's results subject as usual: to the device if it is still connected,
-and onto ASR_TRANSCRIPTS for a device that resumes.
+A replay queues the original segment again on ASR_SEGMENTS with a fresh
+replay tag in its `Escapement-Replay` header, and under a fresh Nats-Msg-Id
+(`<session>:<n>:replay-<tag>`) so the stream's dedup window does not swallow
+it, then removes the dead letter. The worker gives its result an id of its
+own (`subjects.result_msg_id` with the tag), so it is not taken for the
+`ErrorResult` the device got before. The result goes to the session's results
+subject as usual: to the device if it is still connected, and onto
+ASR_TRANSCRIPTS for a device that resumes.
 
 Exit status: 0 done; 1 nothing matched, or some could not be replayed;
 2 usage; 3 NATS unreachable or without the Escapement streams.
@@ -72,9 +75,11 @@ def describe(raw: RawStreamMsg) -> DeadLetter:
     ids = subjects.ids_from_segments_subject(subject)
     edge, session = ids if ids else ("", headers.get(H.SESSION, ""))
     parsed = subjects.parse_segment_msg_id(headers.get(H.DEAD_SEGMENT, ""))
-    number = parsed[1] if parsed else None
+    number: int | None = None
+    segment_id = ""
     if parsed:
-        session = parsed[0]
+        session, number = parsed
+        segment_id = subjects.segment_msg_id(session, number)
     try:
         attempts = int(headers.get(H.DEAD_ATTEMPTS, "0"))
     except ValueError:
@@ -82,7 +87,7 @@ def describe(raw: RawStreamMsg) -> DeadLetter:
     when = raw.time.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if raw.time else ""
     return DeadLetter(
         seq=raw.seq or 0,
-        segment_id=subjects.segment_msg_id(session, number) if parsed else "",
+        segment_id=segment_id,
         session=session,
         edge=edge,
         segment=number,
@@ -115,7 +120,7 @@ def select(stored: list[Stored], segment: str | None) -> list[Stored]:
 
 
 def replay_headers(raw: RawStreamMsg, letter: DeadLetter) -> dict[str, str]:
-    """The original headers, with a fresh Nats-Msg-Id."""
+    """The original headers, with a fresh replay tag and Nats-Msg-Id."""
     dead_only = {h.value for h in (H.DEAD_REASON, H.DEAD_MESSAGE, H.DEAD_ATTEMPTS, H.DEAD_SUBJECT)}
     dead_only |= {H.DEAD_SEQUENCE.value, H.DEAD_SEGMENT.value}
     headers = {
@@ -123,8 +128,9 @@ def replay_headers(raw: RawStreamMsg, letter: DeadLetter) -> dict[str, str]:
         for k, v in (raw.headers or {}).items()
         if k not in dead_only and not k.startswith("Nats-")
     }
+    tag = subjects.replay_tag(secrets.token_hex(4))
+    headers[H.REPLAY] = tag
     if letter.segment is not None:
-        tag = secrets.token_hex(4)
         headers[H.MSG_ID] = subjects.replay_msg_id(letter.session, letter.segment, tag)
     return headers
 
@@ -234,7 +240,7 @@ async def run(args: argparse.Namespace) -> int:
 
 def segment_id(value: str) -> str:
     parsed = subjects.parse_segment_msg_id(value)
-    if parsed is None or parsed[2]:
+    if parsed is None or value.count(":") != 1:  # not a replay's id
         raise argparse.ArgumentTypeError(f"expected SESSION:N, got {value!r}")
     return value
 

@@ -2,9 +2,11 @@
 
 Starts a nats-server with JetStream on loopback (unless `NATS_URL` names one),
 applies the stream definitions, runs one edge in this process and N worker
-processes, restarts a worker that dies (with back-off), and on Ctrl-C or
-SIGTERM stops everything: edge first (sessions get 1001), then workers
-(they finish or hand back in-flight segments), then nats-server.
+processes, and prints its banner once a session would be admitted (the
+streams exist and a worker has its model loaded). It restarts a worker that
+dies (with back-off), and on Ctrl-C or SIGTERM stops everything: edge first
+(sessions get what they are owed, then 1001), then workers (they finish or
+hand back in-flight segments), then nats-server.
 """
 
 from __future__ import annotations
@@ -16,210 +18,299 @@ import os
 import secrets
 import signal
 import sys
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 
+import msgspec
 import platformdirs
 from aiohttp import web
 from nats.errors import Error as NatsError
 
 from jetstream.setup import IncompatibleDefinition, JetStreamUnavailable, apply_all
-from observability.logging import setup_logging
-from observability.metrics import setup_metrics, shutdown_metrics
-from observability.tracing import setup_tracing, shutdown_tracing
+from observability import telemetry
 from services.config import from_env
-from services.edge.app import LOOPBACK, EdgeConfigError, admission_key, create_app, make_runner
+from services.edge.app import LOOPBACK, EdgeConfigError, admission_key, create_app
+from services.edge.health import readiness
+from services.edge.server import serve
 from services.edge.settings import EdgeSettings
 from services.natsconn import connect, redact
 from services.natsserver import NatsServer, NatsServerError
+from services.procs import Child, spawn
 
 log = logging.getLogger("escapement.up")
 
+WORKER_READY = "worker ready"  # what a worker logs once it is about to pull segments
 
-@dataclass(frozen=True)
-class UpOptions:
+
+class UpSettings(msgspec.Struct, frozen=True, kw_only=True):
+    """`escapement up`'s settings: `ESCAPEMENT_<FIELD>` (and `NATS_URL`); its options win."""
+
     host: str = "127.0.0.1"
-    port: int = 8080
-    data_dir: Path | None = None
+    port: int = 8080  # 0: any free port (the banner says which)
+    data_dir: str = ""  # the JetStream store, secrets; "": the user data dir
     workers: int = 1
     model: str = "tiny.en"
-    nats_port: int = -1
+    nats_url: str = ""  # "": an embedded nats-server
+    nats_port: int = -1  # the embedded nats-server's; -1: any free port
+    stream_replicas: int = 0  # 0: as in jetstream/streams/*.json
+    cpu_threads: int = 0  # per worker; 0: this machine's cores shared among the workers
+    auth_enabled: bool | None = None  # None: off on a loopback host, on elsewhere
+    auth_secret: str = ""  # "": one kept in the data dir
+    ready_timeout_s: float = 600.0  # give up when no session could be admitted by then
     restart_backoff_s: float = 1.0
     restart_backoff_max_s: float = 30.0
+    log_level: str = "INFO"
+
+
+class UpError(RuntimeError):
+    """What keeps `up` from coming up, said plainly."""
 
 
 class WorkerProcess:
-    """One supervised `python -m services.worker` process."""
+    """`python -m services.worker` as a child, configured by its environment as in
+    production; its output goes to `log_path`, or to this process's when None."""
 
-    def __init__(self, index: int, env: dict[str, str], opts: UpOptions) -> None:
-        self.index = index
-        self.env = env
-        self.opts = opts
-        self.proc: asyncio.subprocess.Process | None = None
+    def __init__(
+        self, env: Mapping[str, str], log_path: Path | None = None, name: str = "worker"
+    ) -> None:
+        self.env = dict(env)
+        self.log_path = log_path
+        self.name = name
+        self.child: Child | None = None
         self.restarts = 0
 
-    async def start(self) -> None:
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "services.worker", env=self.env, stdin=asyncio.subprocess.DEVNULL
+    def start(self) -> WorkerProcess:
+        self.child = spawn(
+            [sys.executable, "-m", "services.worker"], self.log_path, env=self.env, name=self.name
         )
-        log.info("worker %d started (pid %d)", self.index, self.proc.pid)
+        log.info("%s started (pid %d)", self.name, self.child.pid)
+        return self
 
-    async def supervise(self, stopping: asyncio.Event) -> None:
-        backoff = self.opts.restart_backoff_s
+    @property
+    def running(self) -> Child:
+        if self.child is None:
+            raise RuntimeError(f"{self.name} was not started")
+        return self.child
+
+    @property
+    def pid(self) -> int:
+        return self.running.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self.running.returncode
+
+    def log(self) -> str:
+        return self.child.log() if self.child is not None else ""
+
+    async def ready(self, within: float = 60.0) -> WorkerProcess:
+        """Once it logs "worker ready" (its log_path is needed for that)."""
+        await self.running.wait_for_async(WORKER_READY, within)
+        return self
+
+    def terminate(self) -> None:
+        self.running.terminate()
+
+    async def wait(self, within: float | None = None) -> int:
+        return await self.running.wait_async(within)
+
+    def kill(self) -> None:
+        if self.child is not None:
+            self.child.kill()
+
+    async def stop(self, grace: float) -> None:
+        if self.child is not None:
+            await self.child.stop_async(grace)
+
+    async def supervise(
+        self, stopping: asyncio.Event, backoff_s: float, backoff_max_s: float
+    ) -> None:
+        """Start it again whenever it exits, until `stopping` is set; the back-off
+        doubles up to `backoff_max_s` and starts over after a good run."""
+        loop = asyncio.get_running_loop()
+        backoff = backoff_s
         while True:
-            assert self.proc is not None
-            started = asyncio.get_running_loop().time()
-            code = await self.proc.wait()
+            started = loop.time()
+            code = await self.running.wait_async()
             if stopping.is_set():
                 return
+            if loop.time() - started > 60:
+                backoff = backoff_s  # it ran fine for a while
             log.warning(
-                "worker %d (pid %d) exited with %s; restarting in %.1fs",
-                self.index,
-                self.proc.pid,
+                "%s (pid %d) exited with %s; restarting in %.1fs",
+                self.name,
+                self.pid,
                 code,
                 backoff,
             )
-            lived = asyncio.get_running_loop().time() - started
-            if lived > 60:
-                backoff = self.opts.restart_backoff_s  # it ran fine for a while
-            await asyncio.sleep(backoff)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), timeout=backoff)
             if stopping.is_set():
                 return
-            backoff = min(backoff * 2, self.opts.restart_backoff_max_s)
+            backoff = min(backoff * 2, backoff_max_s)
             self.restarts += 1
-            await self.start()
-
-    async def stop(self, grace: float) -> None:
-        proc = self.proc
-        if proc is None or proc.returncode is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(proc.wait(), timeout=grace)
-        except TimeoutError:
-            log.warning("worker %d did not stop in %.0fs; killing", self.index, grace)
-            proc.kill()
-            await proc.wait()
+            self.start()
 
 
-async def _up(opts: UpOptions) -> int:
-    data_dir = opts.data_dir or default_data_dir()
-    data_dir.mkdir(parents=True, exist_ok=True)
+async def _up(settings: UpSettings) -> int:
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stopping.set)
+    code = 0
+    async with contextlib.AsyncExitStack() as stack:  # stops what started, in reverse
+        stack.callback(log.info, "stopped")
+        try:
+            await _run(settings, stopping, stack)
+        except UpError as exc:
+            log.error("%s", exc)
+            code = 1
+        finally:
+            stopping.set()  # before anything stops: no worker is restarted from here on
+    return code
 
+
+async def _run(
+    settings: UpSettings, stopping: asyncio.Event, stack: contextlib.AsyncExitStack
+) -> None:
+    """Start everything, each part's stop pushed on `stack`; return when asked to stop."""
+    data_dir = Path(settings.data_dir) if settings.data_dir else default_data_dir()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    nats_url = settings.nats_url
     server: NatsServer | None = None
-    nats_url = os.environ.get("NATS_URL", "")
     if not nats_url:
-        # loopback only, with credentials made for this run
         server = NatsServer(
             data_dir / "nats",
-            port=opts.nats_port,
-            host="127.0.0.1",
+            port=settings.nats_port,
+            host="127.0.0.1",  # loopback only, with credentials made for this run
             user="escapement",
             password=secrets.token_urlsafe(18),
         )
         try:
             nats_url = await asyncio.to_thread(server.start)
         except NatsServerError as exc:
-            log.error("%s", exc)
-            return 1
-        url_file = data_dir / "nats.url"
-        _write_private(url_file, nats_url)
+            raise UpError(str(exc)) from None
+        stack.push_async_callback(asyncio.to_thread, server.stop)
+        _write_private(data_dir / "nats.url", nats_url)
         log.info("nats-server %s (store %s)", server.public_url, server.store_dir)
-    workers: list[WorkerProcess] = []
-    supervisors: set[asyncio.Task[None]] = set()
-    runner: web.AppRunner | None = None
-    nc = None
+    await _apply_streams(nats_url, settings.stream_replicas)
+
+    workers = [
+        WorkerProcess(_worker_env(settings, nats_url), name=f"worker {i}")
+        for i in range(settings.workers)
+    ]
+    stack.push_async_callback(_stop_workers, workers, 25.0)
+    for worker in workers:
+        worker.start()
+    tasks: set[asyncio.Task[None]] = set()
+    stack.push_async_callback(_cancel, tasks)
+
     try:
-        nc = await connect(nats_url, "escapement-up")
-        replicas = int(os.environ.get("ESCAPEMENT_STREAM_REPLICAS", "0") or 0)
-        try:
-            await apply_all(nc.jetstream(), replicas=replicas)
-        except (IncompatibleDefinition, JetStreamUnavailable) as exc:
-            log.error("%s", exc)
-            return 1
+        app = create_app(_edge_settings(settings, nats_url, data_dir))
+        port = await stack.enter_async_context(serve(app))
+    except EdgeConfigError as exc:
+        raise UpError(str(exc)) from None
+    except OSError as exc:
+        raise UpError(f"cannot listen on {settings.host}:{settings.port}: {exc}") from None
+    if not await _wait_ready(app, settings, workers, stopping):
+        return  # asked to stop before it was up
+    for worker in workers:
+        _own(
+            tasks,
+            worker.supervise(stopping, settings.restart_backoff_s, settings.restart_backoff_max_s),
+        )
+    _banner(settings.host, port, nats_url, data_dir if server is not None else None)
+    _own(tasks, _announce_workers(app, len(workers), stopping))
+    await stopping.wait()
+    log.info("stopping")
 
-        cores = os.cpu_count() or 1
-        env = {
-            **os.environ,
-            "NATS_URL": nats_url,
-            "ESCAPEMENT_MODEL": opts.model,
-            "ESCAPEMENT_CPU_THREADS": os.environ.get(
-                "ESCAPEMENT_CPU_THREADS", str(max(1, cores // max(1, opts.workers)))
-            ),
-        }
-        for i in range(opts.workers):
-            worker = WorkerProcess(i, env, opts)
-            await worker.start()
-            workers.append(worker)
-            task = asyncio.create_task(worker.supervise(stopping))
-            supervisors.add(task)
-            task.add_done_callback(supervisors.discard)
 
-        loopback = opts.host in LOOPBACK
-        settings = from_env(
-            EdgeSettings,
-            nats_url=nats_url,
-            host=opts.host,
-            port=opts.port,
-            # auth defaults to off on loopback only; the environment can say otherwise
-            auth_enabled=None if "ESCAPEMENT_AUTH_ENABLED" in os.environ else not loopback,
-            auth_secret=None
-            if "ESCAPEMENT_AUTH_SECRET" in os.environ
-            else load_or_make_secret(data_dir),
-        )
-        try:
-            app = create_app(settings)
-            runner = make_runner(app)
-        except EdgeConfigError as exc:
-            log.error("%s", exc)
-            return 1
-        await runner.setup()
-        site = web.TCPSite(runner, opts.host, opts.port, backlog=settings.listen_backlog)
-        try:
-            await site.start()
-        except OSError as exc:
-            log.error("cannot listen on %s:%d: %s", opts.host, opts.port, exc)
-            return 1
-        shown = "127.0.0.1" if opts.host in ("0.0.0.0", "") else opts.host
-        print(
-            f"Escapement is up: http://{shown}:{opts.port}/  (NATS {redact(nats_url)})", flush=True
-        )
-        if server is not None:
-            print(f"  NATS with credentials: {data_dir / 'nats.url'}", flush=True)
-            print(f'  e.g. nats --server "$(cat {data_dir / "nats.url"})" stream ls', flush=True)
-        print(
-            f"  transcribe a file: escapement transcribe FILE.wav --url http://{shown}:{opts.port}",
-            flush=True,
-        )
-        print("  Ctrl-C to stop", flush=True)
-        waiter = asyncio.create_task(_announce_workers(app, opts.workers, stopping))
-        await stopping.wait()
-        waiter.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await waiter
-        log.info("stopping")
-        return 0
+async def _apply_streams(nats_url: str, replicas: int) -> None:
+    nc = await connect(nats_url, "escapement-up")
+    try:
+        await apply_all(nc.jetstream(), replicas=replicas)
+    except (IncompatibleDefinition, JetStreamUnavailable) as exc:
+        raise UpError(str(exc)) from None
     finally:
-        stopping.set()
-        if runner is not None:
-            await runner.cleanup()
-        for task in list(supervisors):
-            task.cancel()
-        await asyncio.gather(*supervisors, return_exceptions=True)
-        await asyncio.gather(*(w.stop(grace=25) for w in workers))
-        if nc is not None:
-            await nc.close()
-        if server is not None:
-            await asyncio.to_thread(server.stop)
-        log.info("stopped")
+        await nc.close()
+
+
+def _worker_env(settings: UpSettings, nats_url: str) -> dict[str, str]:
+    threads = settings.cpu_threads or max(1, (os.cpu_count() or 1) // max(1, settings.workers))
+    return {
+        **os.environ,
+        "NATS_URL": nats_url,
+        "ESCAPEMENT_MODEL": settings.model,
+        "ESCAPEMENT_CPU_THREADS": str(threads),
+    }
+
+
+def _edge_settings(settings: UpSettings, nats_url: str, data_dir: Path) -> EdgeSettings:
+    auth_enabled = settings.auth_enabled
+    if auth_enabled is None:
+        auth_enabled = settings.host not in LOOPBACK  # off by default on loopback only
+    return from_env(
+        EdgeSettings,
+        nats_url=nats_url,
+        host=settings.host,
+        port=settings.port,
+        stream_replicas=settings.stream_replicas,
+        auth_enabled=auth_enabled,
+        auth_secret=settings.auth_secret or load_or_make_secret(data_dir),
+    )
+
+
+async def _wait_ready(
+    app: web.Application,
+    settings: UpSettings,
+    workers: list[WorkerProcess],
+    stopping: asyncio.Event,
+) -> bool:
+    """True once a session would be admitted (with no workers to run: once the streams
+    exist); False when asked to stop first. UpError if a worker exits before that."""
+    admission = app[admission_key]
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    said, said_at = "", 0.0
+    while not stopping.is_set():
+        with contextlib.suppress(NatsError, TimeoutError):  # NATS busy: ask again
+            await admission.refresh_workers()
+        state = await readiness(admission)
+        waiting = [w for w in state.waiting_for if workers or w != "workers"]
+        if not waiting:
+            return True
+        for worker in workers:
+            if worker.returncode is not None:
+                raise UpError(
+                    f"{worker.name} exited with {worker.returncode} before it was ready "
+                    "(its log is above)"
+                )
+        waited = loop.time() - started
+        if waited >= settings.ready_timeout_s:
+            raise UpError(f"not ready after {waited:.0f} s: {state.message}")
+        if waiting == ["workers"]:
+            line = f"Loading the model ({settings.model}) in {len(workers)} worker(s)..."
+        else:
+            line = f"Waiting: {state.message}..."
+        if line != said or waited - said_at >= 15:
+            print(line if line != said else f"  still waiting ({waited:.0f} s)", flush=True)
+            said, said_at = line, waited
+        await asyncio.sleep(0.25)
+    return False
+
+
+def _banner(host: str, port: int, nats_url: str, data_dir: Path | None) -> None:
+    shown = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
+    print(f"Escapement is up: {shown}/  (NATS {redact(nats_url)})", flush=True)
+    if data_dir is not None:  # the embedded server: its URL with credentials is kept here
+        print(f"  NATS with credentials: {data_dir / 'nats.url'}", flush=True)
+        print(f'  e.g. nats --server "$(cat {data_dir / "nats.url"})" stream ls', flush=True)
+    print(f"  transcribe a file: escapement transcribe FILE.wav --url {shown}", flush=True)
+    print("  Ctrl-C to stop", flush=True)
 
 
 async def _announce_workers(app: web.Application, expected: int, stopping: asyncio.Event) -> None:
-    """Say when the workers are up, once the edge's admission has seen them too."""
+    """Say when all the workers are up, once the edge's admission has seen them too."""
     admission = app[admission_key]
     if expected == 0:
         log.info("no workers: new sessions are refused (no_workers)")
@@ -231,6 +322,22 @@ async def _announce_workers(app: web.Application, expected: int, stopping: async
             log.info("%d worker(s) ready", admission.workers)
             return
         await asyncio.sleep(0.5)
+
+
+def _own(tasks: set[asyncio.Task[None]], coro) -> None:  # type: ignore[no-untyped-def]
+    task = asyncio.create_task(coro)
+    tasks.add(task)
+    task.add_done_callback(tasks.discard)
+
+
+async def _cancel(tasks: set[asyncio.Task[None]]) -> None:
+    for task in list(tasks):
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _stop_workers(workers: list[WorkerProcess], grace: float) -> None:
+    await asyncio.gather(*(w.stop(grace) for w in workers))
 
 
 SECRET_FILE = "auth-secret"
@@ -258,12 +365,6 @@ def default_data_dir() -> Path:
     return Path(platformdirs.user_data_dir("escapement"))
 
 
-def run_up(opts: UpOptions) -> int:
-    setup_logging(os.environ.get("ESCAPEMENT_LOG_LEVEL", "INFO"))
-    setup_tracing("escapement-edge")  # the edge runs in this process
-    setup_metrics("escapement-edge")
-    try:
-        return asyncio.run(_up(opts))
-    finally:
-        shutdown_metrics()
-        shutdown_tracing()
+def run_up(settings: UpSettings) -> int:
+    with telemetry("escapement-edge", settings.log_level):  # the edge runs in this process
+        return asyncio.run(_up(settings))

@@ -11,17 +11,16 @@ import logging
 import os
 import re
 import shutil
-import signal
-import subprocess
 import sys
 import sysconfig
-import time
 from pathlib import Path
+
+from services.procs import Child, ProcError, free_port, spawn
 
 log = logging.getLogger(__name__)
 
-_LISTEN = re.compile(rb"Listening for client connections on [^\s]+:(\d+)")
-_READY = b"Server is ready"
+# Both lines, in this order, once the server serves: the port is the one it bound (-p -1: any)
+_READY = re.compile(r"Listening for client connections on \S+:(\d+)(?s:.*)Server is ready")
 
 
 class NatsServerError(RuntimeError):
@@ -64,7 +63,7 @@ class NatsServer:
         self.name = name
         self.user, self.password = user, password
         self.port: int | None = None
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.child: Child | None = None
         self.log_path = self.store_dir / "nats-server.log"
 
     @property
@@ -92,26 +91,14 @@ class NatsServer:
             *(["-c", str(self._auth_config())] if self.user else []),
             *self.extra_args,
         ]  # fmt: skip
-        log_file = self.log_path.open("ab")
-        start_offset = log_file.tell()
-        self.proc = subprocess.Popen(
-            args, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-        )
-        log_file.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            text = self.log_path.read_bytes()[start_offset:]
-            match = _LISTEN.search(text)
-            if match and _READY in text:
-                self.port = int(match.group(1))
-                return self.url
-            if self.proc.poll() is not None:
-                raise NatsServerError(
-                    f"nats-server exited with {self.proc.returncode}: {text.decode(errors='replace')[-2000:]}"
-                )
-            time.sleep(0.02)
-        self.stop()
-        raise NatsServerError(f"nats-server not ready within {timeout}s (log: {self.log_path})")
+        self.child = spawn(args, self.log_path, name="nats-server")
+        try:
+            ready = self.child.wait_for(_READY, within=timeout)
+        except ProcError as exc:
+            self.stop()
+            raise NatsServerError(f"{exc}\n(log: {self.log_path})") from None
+        self.port = int(ready.group(1))
+        return self.url
 
     def _auth_config(self) -> Path:
         """Credentials go in a config file only the owner can read, not on the command line."""
@@ -125,26 +112,19 @@ class NatsServer:
         return path
 
     def stop(self, timeout: float = 10.0) -> None:
-        proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        child, self.child = self.child, None
+        if child is not None:
+            child.stop(grace=timeout)
 
     def kill(self) -> None:
         """SIGKILL, for failure tests."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self.proc = None
+        child, self.child = self.child, None
+        if child is not None:
+            child.kill()
 
     @property
     def pid(self) -> int | None:
-        return self.proc.pid if self.proc else None
+        return self.child.pid if self.child else None
 
     def __enter__(self) -> NatsServer:
         self.start()
@@ -161,11 +141,11 @@ class NatsCluster:
         self.store_dir = Path(store_dir)
         self.size = size
         self.name = name
-        self.cluster_ports = [_free_port() for _ in range(size)]
+        # routes name every member's cluster port before any starts: numbers needed up front
+        self.cluster_ports = [free_port() for _ in range(size)]
         self.servers = [
             NatsServer(
                 self.store_dir / f"n{i}",
-                port=_free_port(),
                 extra_args=[
                     "--cluster_name",
                     name,
@@ -201,11 +181,3 @@ class NatsCluster:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])

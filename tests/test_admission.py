@@ -14,8 +14,9 @@ from jetstream import subjects
 from schemas import device as ev
 from schemas.pipeline import Segment, encode_segment
 from services.client import Refused, stream_audio
+from services.edge.app import admission_key
 from services.edge.auth import hash_key, mint_resume_token, mint_token
-from tests.conftest import run_edge, run_worker
+from tests.support import RunningEdge, active_sessions, run_edge, run_worker, until
 
 SECRET = "test-secret-0123456789abcdef"
 
@@ -30,6 +31,10 @@ async def refusal(
     took = time.perf_counter() - started
     headers = caught.value.headers or {}
     return caught.value.status, headers.get(ev.REASON_HEADER, ""), headers.get("Retry-After"), took
+
+
+async def sessions_below(http: aiohttp.ClientSession, edge: RunningEdge, n: int) -> bool:
+    return await active_sessions(http, edge) < n
 
 
 async def admitted(http: aiohttp.ClientSession, url: str, **kw: object) -> ev.SessionStarted:
@@ -70,7 +75,8 @@ async def test_backlog_over_high_water_refuses_until_below_low_water(
                 encode_segment(seg),
                 headers={subjects.Header.MSG_ID: subjects.segment_msg_id("filler", n)},
             )
-        await asyncio.sleep(0.5)  # > one refresh (0.25 s)
+        admission = edge.app[admission_key]
+        await until(lambda: admission.full, 5, "admission sees the backlog")
         timings = []
         for _ in range(5):
             status, reason, retry, took = await refusal(http, url)
@@ -80,12 +86,7 @@ async def test_backlog_over_high_water_refuses_until_below_low_water(
         assert sorted(timings)[2] < 0.05, timings  # median refusal well under 50 ms
         # a worker drains the backlog; below the low-water mark sessions are admitted again
         async with run_worker(nats_server.url, engine):
-            for _ in range(200):
-                info = await js.consumer_info(subjects.STREAM_SEGMENTS, subjects.CONSUMER_WORKERS)
-                if info.num_pending + info.num_ack_pending <= 2:
-                    break
-                await asyncio.sleep(0.1)
-            await asyncio.sleep(0.5)
+            await until(lambda: not admission.full, 30, "backlog below the low-water mark")
             await admitted(http, url)
         async with http.get(f"{edge.url}/v1/stats") as r:
             stats = await r.json()
@@ -142,7 +143,7 @@ async def test_connection_limits(nats_server, nc: NATS, http) -> None:  # type: 
         status, reason, retry, _ = await refusal(http, url)
         assert (status, reason) == (429, "too_many_connections") and retry
         await a.close()
-        await asyncio.sleep(0.1)
+        await until(lambda: sessions_below(http, edge, 2), 5, "the edge sees the close")
         c = await http.ws_connect(url)  # a slot came free
         await b.close()
         await c.close()
@@ -241,6 +242,6 @@ async def test_sessions_per_worker_cap_refuses_before_a_backlog(
         status, reason, retry, took = await refusal(http, url)
         assert (status, reason) == (503, "at_capacity") and retry
         await held[0].close()
-        await asyncio.sleep(0.1)
+        await until(lambda: sessions_below(http, edge, 2), 5, "the edge sees the close")
         await admitted(http, url)  # room again
         await held[1].close()

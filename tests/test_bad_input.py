@@ -9,7 +9,7 @@ import pytest
 
 from schemas import device as ev
 from services.client import stream_audio
-from tests.conftest import RunningEdge, wer
+from tests.support import RunningEdge, active_sessions, run_edge, until, wer
 
 
 async def _refusal(http: aiohttp.ClientSession, url: str) -> tuple[int, dict[str, str]]:
@@ -61,7 +61,11 @@ async def test_bad_frames_close_the_socket_with_a_reason_and_spare_other_session
     good = asyncio.create_task(
         stream_audio(http, edge.url, speech.pcm, speech.sample_rate, realtime=True)
     )
-    await asyncio.sleep(0.3)
+
+    async def streaming() -> bool:
+        return await active_sessions(http, edge) >= 1
+
+    await until(streaming, 10, "the good session admitted")
 
     code, reason = await _expect_close(edge, http, "sample_rate=16000", b"\x01\x02\x03")
     assert code == 1007 and "odd-length" in reason
@@ -104,8 +108,6 @@ async def test_unknown_control_message_gets_an_error_and_the_session_goes_on(
 
 
 async def test_idle_socket_is_closed(nats_server, nc, http: aiohttp.ClientSession) -> None:  # type: ignore[no-untyped-def]
-    from tests.conftest import run_edge
-
     async with run_edge(nats_server.url, idle_timeout_s=0.5, require_workers=False) as edge:
         async with http.ws_connect(f"{edge.url}/v1/stream") as ws:
             code, reason = await _closed_with(ws)

@@ -14,7 +14,7 @@ from schemas import device as ev
 from services.client import stream_audio
 from services.edge.app import nats_key
 from services.natsserver import NatsCluster
-from tests.conftest import run_edge, run_worker, wer
+from tests.support import first_segment_queued, run_edge, run_worker, until, wer
 
 pytestmark = pytest.mark.slow
 
@@ -53,7 +53,7 @@ async def test_node_killed_under_load_loses_nothing(
         for stream in (subjects.STREAM_SEGMENTS, subjects.STREAM_TRANSCRIPTS):
             # services apply the definitions at start; that must not scale R3 down
             assert (await edge_js.stream_info(stream)).config.num_replicas == 3
-        await asyncio.sleep(3.0)
+        await until(lambda: first_segment_queued(edge.app[nats_key]), 60, "the devices talking")
         port = edge.app[nats_key].connected_url.port
         victim = next(s for s in cluster.servers if s.port == port)
         victim.kill()  # SIGKILL the node the edge talks to

@@ -12,7 +12,7 @@ from nats.aio.client import Client as NATS
 from jetstream import subjects
 from schemas import device as ev
 from services.client import StreamRun, stream_audio
-from tests.conftest import RunningEdge, run_edge, run_worker, wer
+from tests.support import RunningEdge, run_edge, run_worker, until, wer
 
 pytestmark = pytest.mark.slow
 
@@ -90,14 +90,13 @@ async def test_segments_wait_in_the_queue_until_a_worker_starts(
                 http, edge.url, speech.pcm, speech.sample_rate, realtime=False, close_timeout=120
             )
         )
-        # no worker: the segments are held by the work-queue stream
-        for _ in range(100):
+
+        async def all_queued() -> bool:  # no worker: the work-queue stream holds them
             info = await js.stream_info(subjects.STREAM_SEGMENTS)
-            if info.state.messages == len(SENTENCES_B):
-                break
-            await asyncio.sleep(0.1)
-        assert info.state.messages == len(SENTENCES_B)
-        await asyncio.sleep(0.5)
+            return info.state.messages == len(SENTENCES_B)
+
+        await until(all_queued, 10, "every segment queued")
+        await asyncio.sleep(0.5)  # and left there a while: nobody takes them
         assert not streaming.done()  # CloseStream waits for the finals
 
         async with run_worker(nats_server.url, engine):

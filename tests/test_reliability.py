@@ -18,6 +18,7 @@ import time
 from collections import Counter
 
 import aiohttp
+import psutil
 import pytest
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
@@ -29,9 +30,11 @@ from schemas.pipeline import Result, Segment, decode_result, encode_result, enco
 from services.client import StreamRun, stream_audio
 from services.dlq import read_all
 from services.edge.app import edge_id_key
+from services.embedded import WorkerProcess
+from services.procs import free_port
 from services.worker.deadletter import DeadLetters, Queued
 from services.worker.engines import RetryableEngineError, Transcription
-from tests.conftest import RunningEdge, free_port, run_edge, run_worker, wer
+from tests.support import RunningEdge, run_edge, run_worker, until, wer
 
 pytestmark = pytest.mark.slow
 
@@ -71,17 +74,6 @@ class AlwaysFailing:
         raise RetryableEngineError(f"engine down (call {self.calls})")
 
 
-async def until(predicate, within: float, every: float = 0.05, what: str = "condition"):  # type: ignore[no-untyped-def]
-    """Poll an async predicate until it returns something truthy; return that."""
-    deadline = time.monotonic() + within
-    while True:
-        value = await predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"{what}: not within {within}s"
-        await asyncio.sleep(every)
-
-
 async def queue_state(js: JetStreamContext) -> tuple[int, int, int, int]:
     """(messages queued, delivered not answered, waiting undelivered, deliveries so far)."""
     stream = await js.stream_info(subjects.STREAM_SEGMENTS)
@@ -94,9 +86,22 @@ async def queue_state(js: JetStreamContext) -> tuple[int, int, int, int]:
     )
 
 
+async def in_the_model(worker: WorkerProcess, cpu_s: float = 0.2) -> None:
+    """Once the worker process has spent `cpu_s` of CPU since now: it is transcribing
+    (a worker waiting for work uses next to none)."""
+    process = psutil.Process(worker.pid)
+
+    def used() -> float:
+        times = process.cpu_times()
+        return times.user + times.system
+
+    start = used()
+    await until(lambda: used() - start >= cpu_s, within=30, message="the worker in the model")
+
+
 async def assert_queue_empty(js: JetStreamContext) -> None:
     """Soon empty: a worker acks just after it publishes the result the device saw."""
-    await until(lambda: _queue_empty(js), within=5, what="work queue empty")
+    await until(lambda: _queue_empty(js), within=5, message="work queue empty")
 
 
 class Device:
@@ -131,7 +136,7 @@ class Device:
             assert not self._reader.done(), f"socket closed ({self.ws.close_code})"
             return None
 
-        return await until(first, within=within, what="an Error event")  # type: ignore[no-any-return]
+        return await until(first, within=within, message="an Error event")  # type: ignore[no-any-return]
 
     async def close(self) -> None:
         await self.ws.close()
@@ -276,7 +281,7 @@ async def test_segment_nobody_answers_is_dead_lettered_from_the_advisory(
                 _, ack_pending, _, deliveries = await queue_state(js)
                 return ack_pending == 1 and deliveries == n
 
-            await until(delivered, within=30, every=0.01, what=f"delivery {attempt}")
+            await until(delivered, within=30, every=0.01, message=f"delivery {attempt}")
             worker.kill()
             print(f"delivery {attempt} at {time.monotonic() - started:.1f} s: killed its worker")
 
@@ -346,8 +351,8 @@ async def test_worker_killed_mid_inference(
         _, ack_pending, _, deliveries = await queue_state(js)
         return ack_pending == 1 and deliveries == 1
 
-    await until(in_flight, within=30, every=0.01, what="first delivery")
-    await asyncio.sleep(0.1)  # let it get into the model
+    await until(in_flight, within=30, every=0.01, message="first delivery")
+    await in_the_model(first)
     first.kill()
     killed_at = time.monotonic()
     second = await spawn_worker().ready()
@@ -355,7 +360,7 @@ async def test_worker_killed_mid_inference(
     async def redelivered() -> bool:
         return (await queue_state(js))[3] >= 2
 
-    await until(redelivered, within=ACK_WAIT_S + 10, every=0.05, what="redelivery")
+    await until(redelivered, within=ACK_WAIT_S + 10, every=0.05, message="redelivery")
     delay = time.monotonic() - killed_at
     run = await asyncio.wait_for(streaming, timeout=60)
     final_after = max(r.t for r in run.of_type(ev.Final)) - killed_at
@@ -392,8 +397,8 @@ async def test_sigterm_finishes_or_hands_back_in_flight_work(
         _, ack_pending, _, deliveries = await queue_state(js)
         return ack_pending == 1 and deliveries == 1
 
-    await until(in_flight, within=30, every=0.01, what="delivery")
-    await asyncio.sleep(0.3)  # into the model, the worker waiting for a free slot
+    await until(in_flight, within=30, every=0.01, message="delivery")
+    await in_the_model(worker)  # the worker waiting for a free slot meanwhile
     worker.terminate()
     signalled = time.monotonic()
     assert await worker.wait(within=30) == 0
@@ -410,7 +415,7 @@ async def test_sigterm_finishes_or_hands_back_in_flight_work(
         async def redelivered() -> bool:
             return (await queue_state(js))[3] >= 2
 
-        await until(redelivered, within=ACK_WAIT_S + 5, what="redelivery")
+        await until(redelivered, within=ACK_WAIT_S + 5, message="redelivery")
         after = time.monotonic() - signalled
         print(f"hand back: redelivered {after:.2f} s after SIGTERM (a worker start included)")
         assert after < ACK_WAIT_S / 2, after
@@ -525,7 +530,7 @@ async def test_dlq_ls_replay_rm(nc: NATS, nats_server, engine, make_test_speech)
             subject, encode_segment(segment), headers={subjects.Header.MSG_ID: "sess-1:0"}
         )
         await js.publish(subject, b"junk", headers={subjects.Header.MSG_ID: "sess-1:1"})
-        await until(lambda: _count_dead(js, 2), within=30, what="two dead letters")
+        await until(lambda: _count_dead(js, 2), within=30, message="two dead letters")
     assert failing.calls == MAX_DELIVER
 
     listed = dlq(url, "ls", "--json")

@@ -11,7 +11,7 @@ import pytest
 from schemas import device as ev
 from services.client import stream_audio
 from services.edge.auth import mint_token
-from tests.conftest import run_edge, run_worker, wer
+from tests.support import first_segment_queued, run_edge, run_worker, until, wer
 
 pytestmark = pytest.mark.slow
 
@@ -110,7 +110,7 @@ async def test_nats_restart_mid_sessions_loses_nothing(
             asyncio.create_task(stream_audio(http, edge.url, s.pcm, s.sample_rate, realtime=True))
             for s in speeches
         ]
-        await asyncio.sleep(2.0)
+        await until(lambda: first_segment_queued(nc), 30, "the devices talking")
         await asyncio.to_thread(nats_server.stop)
         down = time.monotonic()
         await asyncio.sleep(3.0)  # an outage while devices keep talking and utterances end

@@ -1,18 +1,44 @@
-"""`python -m services.edge [--host H] [--port P]`: the WebSocket edge."""
+"""`python -m services.edge [--host H] [--port P]`: the WebSocket edge.
+
+Port 0 listens on any free port; the first line on stdout says which
+(`edge listening on http://HOST:PORT`).
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import signal
 import sys
 
-from aiohttp import web
-
-from observability.logging import setup_logging
-from observability.metrics import setup_metrics, shutdown_metrics
-from observability.tracing import setup_tracing, shutdown_tracing
+from observability import telemetry
 from services.config import SettingsError, from_env
-from services.edge.app import AccessLogger, EdgeConfigError, create_app
+from services.edge.app import EdgeConfigError, create_app
+from services.edge.server import serve
 from services.edge.settings import EdgeSettings
+
+
+async def run(settings: EdgeSettings) -> int:
+    try:
+        app = create_app(settings)
+    except EdgeConfigError as exc:
+        print(f"escapement edge: {exc}", file=sys.stderr)
+        return 2
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        async with serve(app) as port:
+            print(f"edge listening on http://{settings.host}:{port}", flush=True)
+            await stop.wait()
+    except OSError as exc:
+        print(
+            f"escapement edge: cannot listen on {settings.host}:{settings.port}: {exc}",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,29 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"escapement edge: {exc}", file=sys.stderr)
         return 2
-    setup_logging(settings.log_level)
-    setup_tracing("escapement-edge")
-    setup_metrics("escapement-edge")
-    try:
-        try:
-            app = create_app(settings)
-        except EdgeConfigError as exc:
-            print(f"escapement edge: {exc}", file=sys.stderr)
-            return 2
-        web.run_app(
-            app,
-            host=settings.host,
-            port=settings.port,
-            print=None,
-            keepalive_timeout=settings.handshake_timeout_s,
-            backlog=settings.listen_backlog,
-            access_log_class=AccessLogger,
-            shutdown_timeout=settings.drain_s + 5,
-        )
-    finally:
-        shutdown_metrics()
-        shutdown_tracing()
-    return 0
+    with telemetry("escapement-edge", settings.log_level):
+        return asyncio.run(run(settings))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections import Counter
 from dataclasses import dataclass
 
 from nats.aio.client import Client as NATS
@@ -48,15 +48,15 @@ class AdmissionConfig:
     max_sessions_per_worker: float = (
         0.0  # 0: no cap; else sessions this edge admits per live worker
     )
+    max_connections: int = 2000  # sessions on this edge
+    max_connections_per_tenant: int = 500
 
 
 class Admission:
-    def __init__(
-        self, nc: NATS, config: AdmissionConfig, active_sessions: Callable[[], int] = lambda: 0
-    ) -> None:
+    def __init__(self, nc: NATS, config: AdmissionConfig) -> None:
         self.nc = nc
         self.config = config
-        self.active_sessions = active_sessions
+        self.tenants: Counter[str] = Counter()  # open sessions by tenant
         self.backlog = 0
         self.workers = 0
         self.full = False
@@ -64,6 +64,17 @@ class Admission:
         self.updated = 0.0
         self._task: asyncio.Task[None] | None = None
         self._workers_task: asyncio.Task[None] | None = None
+
+    def active_sessions(self) -> int:
+        return self.tenants.total()
+
+    def opened(self, tenant: str) -> None:
+        self.tenants[tenant] += 1
+
+    def closed(self, tenant: str) -> None:
+        self.tenants[tenant] -= 1
+        if self.tenants[tenant] <= 0:
+            del self.tenants[tenant]
 
     @property
     def high_water(self) -> int:
@@ -114,10 +125,16 @@ class Admission:
     async def refresh_workers(self) -> None:
         self.workers = len(await ping_services(self.nc, subjects.WORKER_SERVICE, wait=0.2))
 
-    def check(self) -> Refusal | None:
+    def check(self, tenant: str = "default") -> Refusal | None:
         cfg = self.config
         if self.draining:
             return Refusal(503, "draining", "this edge is shutting down", cfg.retry_after_s)
+        if self.active_sessions() >= cfg.max_connections:
+            return Refusal(503, "too_many_connections", "this edge is at its connection limit", 1)
+        if self.tenants[tenant] >= cfg.max_connections_per_tenant:
+            return Refusal(
+                429, "too_many_connections", "your tenant is at its connection limit", 1
+            )
         if not self.nc.is_connected:
             return Refusal(503, "nats_unavailable", "the queue is unreachable", 2.0)
         if cfg.require_workers and self.workers == 0:

@@ -8,7 +8,7 @@ import json
 import logging
 import secrets
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,24 +20,19 @@ from nats.micro import add_service
 from nats.micro.request import Request
 
 from jetstream import subjects
-from jetstream.setup import apply_all, streams_exist
+from jetstream.setup import apply_all
 from observability.metrics import ATTR_REASON, Metrics
 from schemas.device import REASON_HEADER
-from schemas.pipeline import Result, ResultMessage, SessionRecord
+from schemas.pipeline import ResultMessage, SessionRecord
+from services.edge import health, resume
 from services.edge.admission import Admission, AdmissionConfig
-from services.edge.auth import (
-    Authenticator,
-    AuthError,
-    load_api_keys,
-    mint_resume_token,
-    verify_resume_token,
-)
-from services.edge.params import BadRequest, parse_stream_params
-from services.edge.replay import stored_results
+from services.edge.auth import Authenticator, AuthError, load_api_keys, mint_resume_token
+from services.edge.params import BadRequest, StreamParams, parse_stream_params
 from services.edge.router import ResultRouter
-from services.edge.session import Session
+from services.edge.session import Session, SessionCounters
 from services.edge.settings import EdgeSettings
 from services.edge.store import ResumeRefused, SessionStore
+from services.edge.stream import StreamStart
 from services.natsconn import connect
 
 log = logging.getLogger(__name__)
@@ -61,8 +56,16 @@ class EdgeStats:
     closed: Counter[int] = field(default_factory=Counter)  # by close code
     segments: int = 0
     finals: int = 0
+    interims: int = 0
     errors: int = 0
     publish_retries: int = 0
+
+    def add(self, counters: SessionCounters) -> None:
+        self.segments += counters.segments
+        self.finals += counters.finals
+        self.interims += counters.interims
+        self.errors += counters.errors
+        self.publish_retries += counters.publish_retries
 
     def as_dict(self, active: int) -> dict[str, object]:
         return {
@@ -75,6 +78,7 @@ class EdgeStats:
             },
             "segments": self.segments,
             "finals": self.finals,
+            "interims": self.interims,
             "errors": self.errors,
             "publish_retries": self.publish_retries,
         }
@@ -84,7 +88,6 @@ stats_key = web.AppKey("stats", EdgeStats)
 auth_key = web.AppKey("auth", Authenticator)
 secret_key = web.AppKey("secret", bytes)
 admission_key = web.AppKey("admission", Admission)
-tenants_key = web.AppKey("tenants", Counter)
 store_key = web.AppKey("store", SessionStore)
 metrics_key = web.AppKey("metrics", Metrics)
 
@@ -100,153 +103,148 @@ def refuse(
     return web.json_response({"reason": reason, "message": message}, status=status, headers=headers)
 
 
+class Refused(Exception):
+    """A session refused before the upgrade, with an HTTP status and a reason code."""
+
+    def __init__(
+        self, status: int, reason: str, message: str, retry_after: float | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status, self.reason, self.message, self.retry_after = (
+            status,
+            reason,
+            message,
+            retry_after,
+        )
+
+
+@dataclass(frozen=True)
+class Opening:
+    """What a new socket starts from: a fresh session, or a resumed one."""
+
+    record: SessionRecord
+    start: StreamStart
+    missed: list[ResultMessage]
+    resumed: bool
+
+
 async def stream_handler(request: web.Request) -> web.StreamResponse:
     app = request.app
     settings = app[settings_key]
     try:
         params = parse_stream_params(request.query, settings.default_language)
+        principal = app[auth_key].authenticate(request.headers, request.query)
+        refusal = app[admission_key].check(principal.tenant)
+        if refusal is not None:
+            raise Refused(refusal.status, refusal.reason, refusal.message, refusal.retry_after)
+        opening = await _open(app, request.query, principal.tenant, params)
     except BadRequest as exc:
         return refuse(request, 400, exc.reason, exc.message)
-    try:
-        principal = app[auth_key].authenticate(request.headers, request.query)
-    except AuthError as exc:
-        return refuse(request, exc.status, exc.reason, exc.message)
-    refusal = app[admission_key].check()
-    if refusal is not None:
-        return refuse(request, refusal.status, refusal.reason, refusal.message, refusal.retry_after)
-    tenants = app[tenants_key]
-    if len(app[sessions_key]) >= settings.max_connections:
-        return refuse(
-            request,
-            503,
-            "too_many_connections",
-            "this edge is at its connection limit",
-            retry_after=1,
-        )
-    if tenants[principal.tenant] >= settings.max_connections_per_tenant:
-        return refuse(
-            request,
-            429,
-            "too_many_connections",
-            "your tenant is at its connection limit",
-            retry_after=1,
-        )
+    except (AuthError, ResumeRefused, Refused) as exc:
+        return refuse(request, exc.status, exc.reason, exc.message, getattr(exc, "retry_after", None))
+    record = opening.record
+    ws = web.WebSocketResponse(
+        max_msg_size=settings.max_frame_bytes, heartbeat=settings.heartbeat_s, autoping=True
+    )
+    session = Session(
+        ws=ws,
+        js=app[nats_key].jetstream(),
+        store=app[store_key],
+        settings=settings,
+        params=params,
+        record=record,
+        metrics=app[metrics_key],
+        start=opening.start,
+        resume_token=mint_resume_token(
+            app[secret_key],
+            record.tenant,
+            record.session_id,
+            settings.max_session_s + settings.resume_window_s,
+        ),
+    )
+    await _serve(request, ws, session, opening)
+    return ws
+
+
+async def _open(
+    app: web.Application, query: Mapping[str, str], tenant: str, params: StreamParams
+) -> Opening:
+    """A new session's record, or a resumed one's with what its device missed."""
     edge_id = app[edge_id_key]
-    store = app[store_key]
-    missed: list[ResultMessage] = []
-    owed: list[int] = []
-    resume = request.query.get("resume")
-    after = -1
-    if resume:
-        try:
-            session_id = verify_resume_token(app[secret_key], resume, principal.tenant)
-            after = max(-1, int(request.query.get("last_segment", "-1")))
-            await _retire(app[router_key].sessions.get(session_id), settings)
-            record = await store.for_resume(session_id, principal.tenant, settings.resume_window_s)
-            stored = await stored_results(app[nats_key].jetstream(), session_id)
-        except AuthError as exc:
-            return refuse(request, exc.status, exc.reason, exc.message)
-        except ResumeRefused as exc:
-            return refuse(request, exc.status, exc.reason, exc.message)
-        except ValueError:
-            return refuse(request, 400, "bad_last_segment", "last_segment must be an integer")
-        except (NatsError, TimeoutError):
-            return refuse(
-                request, 503, "nats_unavailable", "session store unreachable", retry_after=2
-            )
-        missed = _missed(stored, after)
-        have = {r.segment for r in stored}
-        owed = [
-            n
-            for n in range(after + 1, record.next_segment)
-            if n not in have and n not in record.failed
-        ]
-        record.edge_id = edge_id
-        record.state = "open"
-        context = [r.text for r in sorted(stored, key=lambda r: r.segment) if isinstance(r, Result)]
-    else:
-        session_id = secrets.token_urlsafe(12)
+    token = query.get("resume")
+    if not token:
         record = SessionRecord(
-            session_id=session_id,
-            tenant=principal.tenant,
+            session_id=secrets.token_urlsafe(12),
+            tenant=tenant,
             edge_id=edge_id,
             sample_rate=params.sample_rate,
             language=params.language,
             framing=params.framing,
         )
-        context = []
-    ws = web.WebSocketResponse(
-        max_msg_size=settings.max_frame_bytes,
-        heartbeat=settings.heartbeat_s,
-        autoping=True,
-    )
-    session = Session(
-        ws=ws,
-        js=app[nats_key].jetstream(),
-        store=store,
-        settings=settings,
-        params=params,
-        record=record,
-        metrics=app[metrics_key],
-        delivered_below=after + 1,
-        resume_token=mint_resume_token(
+        return Opening(record, StreamStart(), [], resumed=False)
+    settings = app[settings_key]
+    try:
+        session_id = resume.session_of(app[secret_key], token, tenant)
+        await _retire(app[router_key].sessions.get(session_id), settings)
+        plan = await resume.load(
+            app[nats_key].jetstream(),
+            app[store_key],
             app[secret_key],
-            principal.tenant,
-            session_id,
-            settings.max_session_s + settings.resume_window_s,
-        ),
+            token,
+            tenant,
+            query.get("last_segment", "-1"),
+            settings.resume_window_s,
+        )
+    except ValueError:
+        raise Refused(400, "bad_last_segment", "last_segment must be an integer") from None
+    except (NatsError, TimeoutError):
+        raise Refused(503, "nats_unavailable", "session store unreachable", 2) from None
+    plan.record.edge_id = edge_id
+    plan.record.state = "open"
+    return Opening(plan.record, plan.start, plan.missed, resumed=True)
+
+
+async def _serve(
+    request: web.Request, ws: web.WebSocketResponse, session: Session, opening: Opening
+) -> None:
+    app = request.app
+    stats, metrics, router, admission = (
+        app[stats_key],
+        app[metrics_key],
+        app[router_key],
+        app[admission_key],
     )
-    for text in context[-5:]:
-        session.remember(text)
-    session.expect(owed)
-    stats = app[stats_key]
-    router = app[router_key]
-    tenants[principal.tenant] += 1
+    tenant = {"tenant": session.tenant}
+    admission.opened(session.tenant)
     app[sessions_key].add(session)
     router.register(session)
     try:
         await ws.prepare(request)
-        await store.put(record)
+        await app[store_key].put(opening.record)
         stats.admitted += 1
-        app[metrics_key].sessions_admitted.add(1, {"tenant": principal.tenant})
-        app[metrics_key].sessions_active.add(1, {"tenant": principal.tenant})
-        if resume:
-            stats.resumed += 1
+        stats.resumed += opening.resumed
+        metrics.sessions_admitted.add(1, tenant)
+        metrics.sessions_active.add(1, tenant)
         log.info(
             "session %s %s (tenant %s, %d Hz, %s, %s)",
             session.id,
-            "resumed" if resume else "opened",
-            principal.tenant,
-            params.sample_rate,
-            params.language,
-            params.framing,
+            "resumed" if opening.resumed else "opened",
+            session.tenant,
+            session.params.sample_rate,
+            session.params.language,
+            session.params.framing,
         )
-        await session.run(before_read=missed)
+        await session.run(before_read=opening.missed)
     finally:
         router.unregister(session)
         app[sessions_key].discard(session)
-        tenants[principal.tenant] -= 1
-        if tenants[principal.tenant] <= 0:
-            del tenants[principal.tenant]
+        admission.closed(session.tenant)
         code = session.close_code or ws.close_code or 1006
         stats.closed[code] += 1
         if ws.prepared:
-            app[metrics_key].sessions_active.add(-1, {"tenant": principal.tenant})
-        stats.segments += session.counters.segments
-        stats.finals += session.counters.finals
-        stats.errors += session.counters.errors
-        stats.publish_retries += session.counters.publish_retries
+            metrics.sessions_active.add(-1, tenant)
+        stats.add(session.counters)
         log.info("session %s closed %s: %s", session.id, code, session.counters)
-    return ws
-
-
-def _missed(stored: list[ResultMessage], after: int) -> list[ResultMessage]:
-    """The stored results after `after`, one per segment (a Final over an earlier Error), in order."""
-    best: dict[int, ResultMessage] = {}
-    for result in stored:
-        if result.segment > after and not isinstance(best.get(result.segment), Result):
-            best[result.segment] = result
-    return [best[n] for n in sorted(best)]
 
 
 async def _retire(previous: Session | None, settings: EdgeSettings) -> None:
@@ -267,30 +265,6 @@ async def stats_handler(request: web.Request) -> web.Response:
     router = request.app[router_key]
     body["results"] = {"unroutable": router.unroutable, "recovered": router.recovered}
     return web.json_response(body)
-
-
-async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
-
-
-async def readyz(request: web.Request) -> web.Response:
-    nc = request.app[nats_key]
-    if not nc.is_connected:
-        return web.json_response(
-            {"reason": "nats_unavailable", "message": "not connected to NATS"}, status=503
-        )
-    try:
-        ok = await asyncio.wait_for(streams_exist(nc.jetstream()), timeout=2)
-    except Exception as exc:  # noqa: BLE001 - any failure means not ready
-        return web.json_response(
-            {"reason": "jetstream_unavailable", "message": f"JetStream not answering: {exc!r}"},
-            status=503,
-        )
-    if not ok:
-        return web.json_response(
-            {"reason": "streams_missing", "message": "streams not created yet"}, status=503
-        )
-    return web.json_response({"status": "ready", "edge_id": request.app[edge_id_key]})
 
 
 async def index(request: web.Request) -> web.StreamResponse:
@@ -329,8 +303,9 @@ def _nats_ctx(settings: EdgeSettings):  # type: ignore[no-untyped-def]
                 require_workers=settings.require_workers,
                 retry_after_s=settings.retry_after_s,
                 max_sessions_per_worker=settings.max_sessions_per_worker,
+                max_connections=settings.max_connections,
+                max_connections_per_tenant=settings.max_connections_per_tenant,
             ),
-            active_sessions=lambda: len(app[sessions_key]),
         )
         await admission.start()
         app[admission_key] = admission
@@ -445,13 +420,11 @@ def create_app(settings: EdgeSettings) -> web.Application:
     app[sessions_key] = set()
     app[stats_key] = EdgeStats()
     app[metrics_key] = Metrics()
-    app[tenants_key] = Counter()
     app[auth_key], app[secret_key] = _auth_setup(settings)
     app.cleanup_ctx.append(_nats_ctx(settings))
     app.on_shutdown.append(_drain_sessions)
     app.router.add_get("/v1/stream", stream_handler)
     app.router.add_get("/v1/stats", stats_handler)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
+    app.router.add_routes(health.routes(admission_key, edge_id_key))
     app.router.add_get("/", index)
     return app

@@ -29,6 +29,7 @@ class StreamParams:
     language: str = "en"
     framing: str = "raw"
     fast: bool = False  # pace=fast: a file upload, exempt from the real-time rate limit
+    interim_results: bool = True
 
 
 def parse_stream_params(query: Mapping[str, str], default_language: str = "en") -> StreamParams:
@@ -51,7 +52,7 @@ def parse_stream_params(query: Mapping[str, str], default_language: str = "en") 
             f"encoding {encoding[:32]!r} not supported; use linear16 (PCM s16le mono)",
         )
     language = query.get("language", default_language)
-    if not _LANGUAGE.match(language):
+    if not _LANGUAGE.fullmatch(language):
         raise BadRequest(
             "bad_language", f"language {language[:32]!r} is not a language code like 'en' or 'de'"
         )
@@ -63,6 +64,16 @@ def parse_stream_params(query: Mapping[str, str], default_language: str = "en") 
     pace = query.get("pace", "realtime")
     if pace not in ("realtime", "fast"):
         raise BadRequest("bad_pace", f"pace {pace[:32]!r} not supported; use realtime or fast")
+    interim = query.get("interim_results", "true").lower()
+    if interim not in ("true", "false"):
+        raise BadRequest(
+            "bad_interim_results", f"interim_results {interim[:32]!r}: use true or false"
+        )
     return StreamParams(
-        sample_rate=rate, encoding=encoding, language=language, framing=framing, fast=pace == "fast"
+        sample_rate=rate,
+        encoding=encoding,
+        language=language,
+        framing=framing,
+        fast=pace == "fast",
+        interim_results=interim == "true",
     )

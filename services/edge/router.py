@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from typing import Protocol
 
 import msgspec
 from nats.aio.client import Client as NATS
@@ -20,11 +21,23 @@ from nats.aio.subscription import Subscription
 from nats.errors import Error as NatsError
 
 from jetstream import subjects
-from schemas.pipeline import decode_result
+from schemas.pipeline import ResultMessage, decode_result
 from services.edge.replay import stored_results
-from services.edge.session import Session
 
 log = logging.getLogger(__name__)
+
+
+class Routed(Protocol):
+    """What the router needs of a session."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def owing(self) -> bool: ...
+    def owes(self, number: int) -> bool: ...
+    def stale(self, older_than_s: float) -> bool: ...
+    def on_result(self, result: ResultMessage) -> None: ...
+    def supersede(self) -> None: ...
 
 
 class ResultRouter:
@@ -32,8 +45,9 @@ class ResultRouter:
         self.nc = nc
         self.edge_id = edge_id
         self.recheck_after_s = recheck_after_s
-        self.sessions: dict[str, Session] = {}
+        self.sessions: dict[str, Routed] = {}
         self._sub: Subscription | None = None
+        self._partials: Subscription | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._sweep_now = asyncio.Event()
         self.unroutable = 0
@@ -43,6 +57,9 @@ class ResultRouter:
         self._sub = await self.nc.subscribe(
             subjects.results_for_edge(self.edge_id), cb=self._on_msg
         )
+        self._partials = await self.nc.subscribe(
+            subjects.partials_for_edge(self.edge_id), cb=self._on_msg
+        )
         self._sweeper = asyncio.create_task(self._sweep_loop(), name="result-sweeper")
 
     async def stop(self) -> None:
@@ -50,22 +67,26 @@ class ResultRouter:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
-        if self._sub is not None:
-            with contextlib.suppress(NatsError):
-                await self._sub.unsubscribe()
-            self._sub = None
+        for sub in (self._sub, self._partials):
+            if sub is None:
+                continue
+            try:
+                await sub.unsubscribe()
+            except NatsError as exc:
+                log.info("result subscription not closed cleanly: %r", exc)
+        self._sub = self._partials = None
 
     def reconnected(self) -> None:
         """Call after a NATS reconnect: results may have been missed meanwhile."""
         self._sweep_now.set()
 
-    def register(self, session: Session) -> None:
+    def register(self, session: Routed) -> None:
         old = self.sessions.get(session.id)
         if old is not None and old is not session:
-            old.superseded = True  # resumed on a new socket
+            old.supersede()  # resumed on a new socket
         self.sessions[session.id] = session
 
-    def unregister(self, session: Session) -> None:
+    def unregister(self, session: Routed) -> None:
         if self.sessions.get(session.id) is session:
             del self.sessions[session.id]
 
@@ -92,12 +113,12 @@ class ResultRouter:
             everyone = self._sweep_now.is_set()
             self._sweep_now.clear()
             for session in list(self.sessions.values()):
-                if not session.outstanding:
+                if not session.owing:
                     continue
                 if everyone or session.stale(self.recheck_after_s):
                     await self.recover(session)
 
-    async def recover(self, session: Session) -> None:
+    async def recover(self, session: Routed) -> None:
         """Deliver any stored result the session still waits for."""
         try:
             results = await stored_results(self.nc.jetstream(), session.id)
@@ -105,6 +126,6 @@ class ResultRouter:
             log.debug("recovering results of %s failed: %r", session.id, exc)
             return
         for result in sorted(results, key=lambda r: r.segment):
-            if result.segment in session.outstanding:
+            if session.owes(result.segment):
                 self.recovered += 1
                 session.on_result(result)

@@ -20,7 +20,15 @@ class EdgeSettings(msgspec.Struct, frozen=True, kw_only=True):
     max_utterance_ms: int = 15000
     max_segment_bytes: int = 900_000  # audio per segment: under NATS's 1 MiB message limit
     reorder_chunks: int = 8  # numbered chunks held to repair reordering
-    prompt_chars: int = 100  # recent text sent with each segment as context (costs inference time)
+    # decoding context (services/edge/stream.py): committed text of earlier finals as
+    # the prompt, and audio before a segment (from an earlier utterance's start)
+    prompt_chars: int = 200
+    context_ms: int = 0
+    prompt_wait_s: float = 3.0  # hold a segment this long for the results before it
+    early_finals: bool = True  # decode at the pause, before the endpoint is confirmed
+    interims: bool = True  # off here: off for every session; else per session (interim_results)
+    interim_first_ms: int = 600  # speech before the first interim look
+    interim_every_ms: int = 1000  # speech between interim looks
     # admission (new sessions only)
     backlog_high_per_worker: int = 8  # queued + in-flight segments per live worker
     backlog_low_per_worker: int = 4

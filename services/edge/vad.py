@@ -4,6 +4,12 @@ No I/O here. The edge feeds every byte of the session timeline in order; the
 segmenter answers with `SpeechStart` as soon as the VAD is confident someone
 is speaking and with an `Utterance` when the speech has ended (trailing
 silence of `endpoint_ms`), was cut at `max_utterance_ms`, or was flushed.
+
+Between the two, once the trailing silence reaches the pad that goes with a
+segment (`trailing_pad_ms`), it announces a `Pause` holding the utterance
+exactly as it will be emitted if the silence lasts until the endpoint: the
+edge can have it decoded while it waits for the endpoint. If speech comes back
+first, `Resumed` says that utterance goes on.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ class Utterance:
     last_voiced_ms: int  # end of the last voiced frame
     pcm: bytes
     cut: bool = False  # ended by max_utterance_ms, speech goes on
+    voiced: tuple[tuple[int, int], ...] = ()  # (start_ms, end_ms) of each run of voiced frames
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +45,21 @@ class Discarded:
     end_ms: int
 
 
-Event = SpeechStart | Utterance | Discarded
+@dataclass(frozen=True, slots=True)
+class Pause:
+    """Trailing silence reached the pad: the utterance ends as `utterance` unless speech resumes."""
+
+    utterance: Utterance
+
+
+@dataclass(frozen=True, slots=True)
+class Resumed:
+    """Speech came back after a `Pause`: that utterance goes on."""
+
+    t_ms: int
+
+
+Event = SpeechStart | Utterance | Discarded | Pause | Resumed
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +73,7 @@ class VadConfig:
     trailing_pad_ms: int = 300  # of that silence, how much goes with the segment
     min_speech_ms: int = 150
     max_utterance_ms: int = 15000
+    announce_pauses: bool = False  # emit Pause / Resumed (for early finals)
 
 
 class Segmenter:
@@ -73,6 +95,7 @@ class Segmenter:
         self._start_frame = 0
         self._trailing_unvoiced = 0
         self._continued = False  # current piece follows a cut: speech already confirmed
+        self._paused = False  # a Pause was announced for the current utterance
 
     @property
     def in_speech(self) -> bool:
@@ -118,10 +141,48 @@ class Segmenter:
         self._frames.append(frame)
         self._voiced.append(voiced)
         self._trailing_unvoiced = 0 if voiced else self._trailing_unvoiced + 1
+        if voiced and self._paused:
+            self._paused = False
+            events.append(Resumed(t_ms=self._ms(self._t_frames - 1)))
         if self._ms(self._trailing_unvoiced) >= cfg.endpoint_ms:
             events.append(self._end())
         elif self._ms(len(self._frames) + 1) > cfg.max_utterance_ms:  # one more would overrun
             events.append(self._cut())
+        elif (
+            cfg.announce_pauses
+            and self._trailing_unvoiced == self._pad_frames
+            and self._pad_frames > 0
+            and not self._paused
+        ):
+            preview = self._emit(len(self._frames), cut=False)
+            if isinstance(preview, Utterance):
+                self._paused = True
+                events.append(Pause(preview))
+
+    @property
+    def _pad_frames(self) -> int:
+        return self.config.trailing_pad_ms // self.config.frame_ms
+
+    def current(self) -> Utterance | None:
+        """The utterance in progress as it stands (for an interim look), or None."""
+        if not self._in_speech or not self._frames:
+            return None
+        keep = len(self._frames) - max(0, self._trailing_unvoiced - self._pad_frames)
+        event = self._emit(keep, cut=False)
+        return event if isinstance(event, Utterance) else None
+
+    def _spans(self, voiced: list[bool]) -> tuple[tuple[int, int], ...]:
+        spans: list[tuple[int, int]] = []
+        run_start: int | None = None
+        for i, v in enumerate([*voiced, False]):
+            if v and run_start is None:
+                run_start = i
+            elif not v and run_start is not None:
+                spans.append(
+                    (self._ms(self._start_frame + run_start), self._ms(self._start_frame + i))
+                )
+                run_start = None
+        return tuple(spans)
 
     def _emit(self, n_frames: int, cut: bool) -> Utterance | Discarded:
         """Emit the first n_frames of the current utterance."""
@@ -140,6 +201,7 @@ class Segmenter:
             last_voiced_ms=self._ms(start + last_voiced + 1),
             pcm=b"".join(frames),
             cut=cut,
+            voiced=self._spans(voiced),
         )
 
     def _end(self) -> Utterance | Discarded:
@@ -168,6 +230,7 @@ class Segmenter:
         # silence counted so far went out with the piece just cut.
         self._trailing_unvoiced = 0
         self._continued = True
+        self._paused = False
         return event
 
     def flush(self) -> list[Event]:
@@ -177,9 +240,7 @@ class Segmenter:
         if not self._frames:
             self._reset_idle()
             return []
-        event = self._emit(len(self._frames), cut=False)
-        self._reset_idle()
-        return [event]
+        return [self._end()]  # silence beyond the pad is not part of it, as at an endpoint
 
     def _reset_idle(self) -> None:
         self._in_speech = False
@@ -187,4 +248,5 @@ class Segmenter:
         self._voiced = []
         self._trailing_unvoiced = 0
         self._continued = False
+        self._paused = False
         self._preroll.clear()

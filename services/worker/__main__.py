@@ -9,9 +9,7 @@ import signal
 import sys
 
 from jetstream.setup import IncompatibleDefinition, JetStreamUnavailable, apply_all
-from observability.logging import setup_logging
-from observability.metrics import setup_metrics, shutdown_metrics
-from observability.tracing import setup_tracing, shutdown_tracing
+from observability import telemetry
 from services.config import SettingsError, from_env
 from services.natsconn import connect
 from services.worker.engines import WhisperEngine
@@ -62,7 +60,7 @@ async def serve(settings: WorkerSettings) -> int:
         return 2
     worker = Worker(nc, factory, settings)
     await worker.load()
-
+    # Only now do edges count this worker (discovery): a session they admit has a model waiting
     service = await register(nc, worker)
     try:
         await worker.run(stop)
@@ -90,14 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"escapement worker: {exc}", file=sys.stderr)
         return 2
-    setup_logging(settings.log_level)
-    setup_tracing("escapement-worker")
-    setup_metrics("escapement-worker")
-    try:
+    with telemetry("escapement-worker", settings.log_level):
         return asyncio.run(serve(settings))
-    finally:
-        shutdown_metrics()
-        shutdown_tracing()
 
 
 if __name__ == "__main__":

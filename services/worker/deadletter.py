@@ -39,6 +39,7 @@ from nats.js.errors import NotFoundError
 
 from jetstream import subjects
 from schemas.pipeline import ErrorResult, Result, decode_result, decode_segment, encode_result
+from services.worker.delivery import Delivery
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +70,13 @@ class Queued:
     attempts: int
 
     @classmethod
-    def of(cls, msg: Msg) -> Queued:
-        meta = msg.metadata
+    def of(cls, delivery: Delivery) -> Queued:
         return cls(
-            msg.subject, msg.data, dict(msg.headers or {}), meta.sequence.stream, meta.num_delivered
+            delivery.subject,
+            delivery.data,
+            dict(delivery.headers),
+            delivery.seq,
+            delivery.num_delivered,
         )
 
 
@@ -83,13 +87,13 @@ class Addressee:
     edge_id: str
     session_id: str
     segment: int  # -1 when nothing says which
-    replay: str  # the replay tag of its Nats-Msg-Id, '' for the original
+    replay: str  # its replay tag (`Header.REPLAY`), '' for the original
+    revision: int = 0  # the segment's revision (an error must answer the one the edge awaits)
 
 
 def addressee(q: Queued) -> Addressee | None:
     """From the segment itself, else from its subject and Nats-Msg-Id; None if nobody."""
-    parsed = subjects.parse_segment_msg_id(q.headers.get(subjects.Header.MSG_ID, ""))
-    replay = parsed[2] if parsed else ""
+    replay = subjects.replay_tag_of(q.headers)
     try:
         segment = decode_segment(q.data)
     except (msgspec.DecodeError, msgspec.ValidationError):
@@ -101,6 +105,7 @@ def addressee(q: Queued) -> Addressee | None:
                 subjects.check_token(segment.session_id),
                 segment.segment,
                 replay,
+                segment.revision,
             )
         except subjects.InvalidToken:
             return None
@@ -108,6 +113,7 @@ def addressee(q: Queued) -> Addressee | None:
     if ids is None:
         return None
     edge_id, session_id = ids
+    parsed = subjects.parse_segment_msg_id(q.headers.get(subjects.Header.MSG_ID, ""))
     number = parsed[1] if parsed and parsed[0] == session_id else -1
     return Addressee(edge_id, session_id, number, replay)
 
@@ -176,13 +182,19 @@ class DeadLetters:
     async def _tell(self, to: Addressee, code: str, message: str) -> bool:
         """Publish the `ErrorResult`; True if a `Result` of that segment was stored before."""
         error = ErrorResult(
-            session_id=to.session_id, segment=to.segment, code=code, message=message
+            session_id=to.session_id,
+            segment=to.segment,
+            code=code,
+            message=message,
+            revision=to.revision,
         )
         ack = await self.js.publish(
             subjects.results_subject(to.edge_id, to.session_id),
             encode_result(error),
             headers={
-                subjects.Header.MSG_ID: subjects.result_msg_id(to.session_id, to.segment, to.replay)
+                subjects.Header.MSG_ID: subjects.result_msg_id(
+                    to.session_id, to.segment, to.replay, to.revision
+                )
             },
         )
         if not ack.duplicate:

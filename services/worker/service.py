@@ -34,20 +34,24 @@ late +WPI would keep its lease alive. So:
   whoever holds it now: the redelivery (`num_delivered` one higher), or, if
   this was the last one allowed, the MAX_DELIVERIES advisory, which finds the
   published result and keeps no dead letter.
+Every answer goes through a `Delivery` (`services.worker.delivery`), which
+refuses it once the lease may have lapsed: the rule needs no care at the call
+sites.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import ParamSpec, TypeVar
 
 import msgspec
 from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.errors import Error as NatsError
 from nats.errors import TimeoutError as NatsTimeoutError
@@ -60,7 +64,8 @@ from observability.metrics import Metrics
 from observability.tracing import extract_context, get_tracer
 from schemas.pipeline import Result, ResultMessage, Segment, decode_segment, encode_result
 from services.worker.deadletter import MAX_DELIVERIES, DeadLetters, Queued
-from services.worker.engines import Engine, EngineError
+from services.worker.delivery import Delivery, Lease
+from services.worker.engines import Engine, EngineError, Transcription
 from services.worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -68,20 +73,8 @@ tracer = get_tracer("escapement.worker")
 
 DEFAULT_ACK_WAIT_S = 30.0  # nats-server's, for a consumer that names none
 
-
-class Lease:
-    """Until when this worker may answer for one delivery (the lease rule above)."""
-
-    def __init__(self, granted_at: float, ack_wait: float, margin: float) -> None:
-        self.ack_wait = ack_wait
-        self.margin = margin
-        self.expires = granted_at + ack_wait
-
-    def held(self) -> bool:
-        return time.monotonic() + self.margin < self.expires
-
-    def renewed(self, sent_at: float) -> None:
-        self.expires = max(self.expires, sent_at + self.ack_wait)
+P = ParamSpec("P")
+T = TypeVar("T")
 
 
 class Worker:
@@ -114,11 +107,14 @@ class Worker:
         self.ready = asyncio.Event()
         self.metrics = Metrics()
 
-    async def _in_executor(self, fn: Callable[..., object], *args: object) -> object:
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+    async def run_blocking(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
+        """`fn(*args, **kwargs)` on the engine's executor, off the event loop."""
+        call = functools.partial(fn, *args, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(self.executor, call)
 
-    async def load(self) -> None:
-        self.engine = await self._in_executor(self._engine_factory)  # type: ignore[assignment]
+    async def load(self) -> Engine:
+        self.engine = await self.run_blocking(self._engine_factory)
+        return self.engine
 
     def configure(self, consumer: js_api.ConsumerConfig) -> None:
         """Take ack_wait and max_deliver from the consumer: it is what the server enforces."""
@@ -138,8 +134,7 @@ class Worker:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Fetch and process until `stop` is set; then let in-flight jobs finish."""
-        if self.engine is None:
-            await self.load()
+        engine = self.engine or await self.load()
         info = await self._consumer(stop)
         if info is None:
             return
@@ -156,7 +151,7 @@ class Worker:
         self.ready.set()
         log.info(
             "worker ready (engine %s, concurrency %d, ack_wait %g s, max_deliver %d)",
-            self.engine.name, self.settings.concurrency, self.ack_wait, self.max_deliver,  # type: ignore[union-attr]
+            engine.name, self.settings.concurrency, self.ack_wait, self.max_deliver,
         )  # fmt: skip
         ended_empty: float | None = None  # start of the previous fetch, if it brought nothing
         stopping = asyncio.create_task(stop.wait())  # wakes a worker waiting for a free slot
@@ -183,16 +178,28 @@ class Worker:
                 ended_empty = None
                 for msg in msgs:
                     lease = Lease(granted, self.ack_wait, self.settings.lease_margin_s)
-                    task = asyncio.create_task(self._job(msg, lease))
+                    delivery = Delivery(msg, lease, self.nc, on_lapsed=self._count_lapse)
+                    task = asyncio.create_task(self._job(delivery))
                     self._jobs.add(task)
                     task.add_done_callback(self._jobs.discard)
         finally:
             stopping.cancel()
             await self._finish_jobs()
-            with contextlib.suppress(Exception):
-                await psub.unsubscribe()
-            with contextlib.suppress(Exception):
-                await advisories.unsubscribe()
+            await self._unsubscribe(psub, "segments")
+            await self._unsubscribe(advisories, "max-deliveries advisories")
+
+    async def _unsubscribe(
+        self, sub: Subscription | JetStreamContext.PullSubscription, what: str
+    ) -> None:
+        if self.nc.is_closed:
+            return  # nothing left to unsubscribe from
+        try:
+            await sub.unsubscribe()
+        except NatsError as exc:
+            log.warning("could not unsubscribe from %s: %r", what, exc)
+
+    def _count_lapse(self) -> None:
+        self.stats["lapsed"] += 1
 
     async def _consumer(self, stop: asyncio.Event) -> js_api.ConsumerInfo | None:
         """The workers' consumer, once it exists (the edge or `escapement up` creates it)."""
@@ -229,32 +236,29 @@ class Worker:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
 
-    async def _job(self, msg: Msg, lease: Lease) -> None:
+    async def _job(self, delivery: Delivery) -> None:
         try:
-            await self.handle(msg, lease)
+            await self.handle(delivery)
         except Exception:
-            log.exception("segment on %s: unexpected failure; handing it back", msg.subject)
-            with contextlib.suppress(Exception):
-                await self._nak(msg, lease, self.settings.nak_delay_s)
+            log.exception("segment on %s: unexpected failure; handing it back", delivery.subject)
+            await self._hand_back(delivery, self.settings.nak_delay_s)
 
-    async def handle(self, msg: Msg, lease: Lease) -> None:
-        attempts = msg.metadata.num_delivered
+    async def handle(self, delivery: Delivery) -> None:
+        attempts = delivery.num_delivered
         if attempts > self.max_deliver:  # only where the consumer itself sets no bound
-            await self._give_up(
-                msg, lease, MAX_DELIVERIES, f"delivered {attempts} times; giving up"
-            )
+            await self._give_up(delivery, MAX_DELIVERIES, f"delivered {attempts} times; giving up")
             return
         try:
-            segment = decode_segment(msg.data)
+            segment = decode_segment(delivery.data)
             subjects.check_token(segment.edge_id)  # they become subjects of the result
             subjects.check_token(segment.session_id)
         except (msgspec.DecodeError, msgspec.ValidationError, subjects.InvalidToken) as exc:
-            log.warning("poison message on %s: %s", msg.subject, exc)
-            await self._give_up(msg, lease, "bad_segment", f"undecodable segment: {exc}")
+            log.warning("poison message on %s: %s", delivery.subject, exc)
+            await self._give_up(delivery, "bad_segment", f"undecodable segment: {exc}")
             return
         with tracer.start_as_current_span(
             "segment.transcribe",
-            context=extract_context(msg.headers),
+            context=extract_context(delivery.headers),
             attributes={
                 "escapement.session": segment.session_id,
                 "escapement.segment": segment.segment,
@@ -262,60 +266,52 @@ class Worker:
                 "escapement.delivery": attempts,
             },
         ):
-            await self._transcribe(msg, lease, segment)
+            await self._transcribe(delivery, segment)
 
-    async def _transcribe(self, msg: Msg, lease: Lease, segment: Segment) -> None:
-        keepalive = asyncio.create_task(self._keep_lease(msg, lease))
+    def _engine_call(self, segment: Segment) -> Transcription:
+        """The blocking model call (on the executor)."""
+        assert self.engine is not None
+        return self.engine.transcribe(
+            segment.pcm, segment.sample_rate, segment.language, segment.prompt, segment.start_ms
+        )
+
+    async def _transcribe(self, delivery: Delivery, segment: Segment) -> None:
+        every = self.settings.in_progress_every_s
         try:
-            assert self.engine is not None
-            transcription = await self._in_executor(
-                self.engine.transcribe,
-                segment.pcm,
-                segment.sample_rate,
-                segment.language,
-                segment.prompt,
-                segment.start_ms,
-            )
+            async with delivery.kept_alive(every):
+                transcription = await self.run_blocking(self._engine_call, segment)
         except EngineError as exc:
             if exc.retryable:
-                await self._retry_or_give_up(msg, lease, segment, exc)
+                await self._retry_or_give_up(delivery, segment, exc)
             else:  # PoisonSegment and its kind: the same every time
-                await self._give_up(msg, lease, exc.code, str(exc))
+                await self._give_up(delivery, exc.code, str(exc))
             return
         except asyncio.CancelledError:
-            with contextlib.suppress(Exception):
-                await self._nak(msg, lease, None)  # hand it back: shutting down
+            await self._hand_back(delivery, None)  # shutting down
             raise
         except Exception as exc:  # noqa: BLE001 - any engine failure is retried, bounded
-            await self._retry_or_give_up(msg, lease, segment, exc)
+            await self._retry_or_give_up(delivery, segment, exc)
             return
-        finally:
-            keepalive.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await keepalive
+        assert self.engine is not None
         result = Result(
             session_id=segment.session_id,
             segment=segment.segment,
             start_ms=segment.start_ms,
             end_ms=segment.end_ms,
-            text=transcription.text,  # type: ignore[attr-defined]
-            words=transcription.words,  # type: ignore[attr-defined]
+            text=transcription.text,
+            words=transcription.words,
             final=segment.final,
+            revision=segment.revision,
             engine=self.engine.name,
-            inference_ms=round(transcription.inference_ms, 1),  # type: ignore[attr-defined]
-            language=transcription.language,  # type: ignore[attr-defined]
+            inference_ms=round(transcription.inference_ms, 1),
+            language=transcription.language,
         )
         # A NATS outage (a cluster electing a leader) must not use up deliveries:
         # keep the lease and retry the publish for a while before handing it back.
-        keepalive = asyncio.create_task(self._keep_lease(msg, lease))
-        try:
-            published = await self._publish_patiently(segment, result, _replay_tag(msg))
-        finally:
-            keepalive.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await keepalive
+        async with delivery.kept_alive(every):
+            published = await self._publish_patiently(segment, result, delivery.replay)
         if not published:
-            await self._nak(msg, lease, self.settings.nak_delay_s)
+            await self._hand_back(delivery, self.settings.nak_delay_s)
             return
         audio_s = (segment.end_ms - segment.start_ms) / 1000
         self.stats["transcribed"] += 1
@@ -325,9 +321,7 @@ class Worker:
         self.metrics.inference_ms.record(result.inference_ms, attrs)
         if audio_s > 0:
             self.metrics.rtf.record(result.inference_ms / 1000 / audio_s, attrs)
-        if self._lapsed(msg, lease, "result published"):
-            return
-        await msg.ack()
+        await delivery.ack()  # refused once the lease may have lapsed: the result stands
 
     async def _publish_patiently(self, segment: Segment, result: Result, replay: str) -> bool:
         deadline = time.monotonic() + self.settings.publish_retry_s
@@ -346,46 +340,21 @@ class Worker:
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, 2.0)
 
-    def _lapsed(self, msg: Msg, lease: Lease, done: str) -> bool:
-        """True (and logged) when the lease may have lapsed: then this worker must not answer."""
-        if lease.held():
-            return False
-        self.stats["lapsed"] += 1
-        log.warning(
-            "seq %d (delivery %d): %s, but its lease may have lapsed; "
-            "leaving it to the current holder",
-            msg.metadata.sequence.stream, msg.metadata.num_delivered, done,
-        )  # fmt: skip
-        return True
+    async def _hand_back(self, delivery: Delivery, delay: float | None) -> None:
+        """Nak it; if that fails, it comes back anyway once its lease runs out."""
+        try:
+            await delivery.nak(delay)
+        except NatsError as exc:
+            log.warning(
+                "seq %d: nak failed (%r); it is redelivered when its lease runs out",
+                delivery.seq, exc,
+            )  # fmt: skip
 
-    async def _nak(self, msg: Msg, lease: Lease, delay: float | None) -> None:
-        if not self._lapsed(msg, lease, "handing it back"):
-            await msg.nak(delay=delay)
-
-    async def _keep_lease(self, msg: Msg, lease: Lease) -> None:
-        """Confirmed in-progress acks so a long job keeps its lease past ack_wait."""
-        every = self.settings.in_progress_every_s
-        while True:
-            await asyncio.sleep(every)
-            if not lease.held():
-                return  # a +WPI now could renew another worker's delivery
-            sent = time.monotonic()
-            try:
-                await self.nc.request(msg.reply, msg.Ack.Progress, timeout=min(every, 2.0))
-            except (NatsError, TimeoutError) as exc:
-                log.info(
-                    "seq %d: in-progress ack unconfirmed (%r)", msg.metadata.sequence.stream, exc
-                )
-                continue
-            lease.renewed(sent)
-
-    async def _retry_or_give_up(
-        self, msg: Msg, lease: Lease, segment: Segment, exc: Exception
-    ) -> None:
-        delivered = msg.metadata.num_delivered
+    async def _retry_or_give_up(self, delivery: Delivery, segment: Segment, exc: Exception) -> None:
+        delivered = delivery.num_delivered
         code = exc.code if isinstance(exc, EngineError) else "engine_error"
         if delivered >= self.max_deliver:
-            await self._give_up(msg, lease, code, f"{exc} (after {delivered} attempts)")
+            await self._give_up(delivery, code, f"{exc} (after {delivered} attempts)")
             return
         log.warning(
             "segment %s:%d failed (attempt %d), retrying: %s",
@@ -395,28 +364,25 @@ class Worker:
             exc,
         )
         self.stats["retried"] += 1
-        await self._nak(msg, lease, self.settings.nak_delay_s * delivered)
+        await self._hand_back(delivery, self.settings.nak_delay_s * delivered)
 
-    async def _give_up(self, msg: Msg, lease: Lease, code: str, message: str) -> None:
+    async def _give_up(self, delivery: Delivery, code: str, message: str) -> None:
         """Dead-letter (ASR_DEAD + ErrorResult to the device), then term."""
-        if self._lapsed(msg, lease, f"giving up ({code})"):
+        if not delivery.answerable(f"dead letter ({code})"):
             return
         try:
-            await self.dead.bury(Queued.of(msg), code, message)
+            await self.dead.bury(Queued.of(delivery), code, message)
         except (NatsError, TimeoutError) as exc:
-            log.warning(
-                "seq %d: not dead-lettered (%r); handing it back", msg.metadata.sequence.stream, exc
-            )
-            await self._nak(msg, lease, self.settings.nak_delay_s)
+            log.warning("seq %d: not dead-lettered (%r); handing it back", delivery.seq, exc)
+            await self._hand_back(delivery, self.settings.nak_delay_s)
             return
         self.stats["failed"] += 1
-        if not self._lapsed(msg, lease, "dead-lettered"):
-            await msg.term()
+        await delivery.term()
 
     async def _publish(self, edge_id: str, result: ResultMessage, replay: str = "") -> None:
         """Results go to the session's subject; ASR_TRANSCRIPTS stores them (deduped by id)."""
         subject = subjects.results_subject(edge_id, result.session_id)
-        msg_id = subjects.result_msg_id(result.session_id, result.segment, replay)
+        msg_id = subjects.result_msg_id(result.session_id, result.segment, replay, result.revision)
         await self.js.publish(
             subject, encode_result(result), headers={subjects.Header.MSG_ID: msg_id}
         )
@@ -433,9 +399,3 @@ class Worker:
 
     async def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
-
-
-def _replay_tag(msg: Msg) -> str:
-    """'replay-...' when the segment was queued again from ASR_DEAD, else ''."""
-    parsed = subjects.parse_segment_msg_id((msg.headers or {}).get(subjects.Header.MSG_ID, ""))
-    return parsed[2] if parsed else ""

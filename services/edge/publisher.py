@@ -1,0 +1,172 @@
+"""Queue a session's segments on JetStream, in order, through NATS outages.
+
+One task per session drains a queue: a final segment is retried through an
+outage for up to `outage_buffer_s` (dedup by `Nats-Msg-Id` makes retries
+safe), then reported as failed; an interim look is tried once and dropped on
+any failure (a newer one follows). Bounded: audio waiting to be queued may
+not exceed `buffer_bytes`; beyond that a final is refused at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from nats.errors import Error as NatsError
+from nats.errors import MaxPayloadError
+from nats.js import JetStreamContext
+from nats.js.errors import APIError
+
+from jetstream import subjects
+from observability.tracing import get_tracer, inject_headers
+from schemas.pipeline import Segment, encode_segment
+
+log = logging.getLogger(__name__)
+tracer = get_tracer("escapement.edge")
+
+
+@dataclass(frozen=True, slots=True)
+class PublishFailure:
+    segment: Segment
+    code: str  # queue_refused | segment_too_large | publish_failed | publish_buffer_full
+    message: str
+    overloaded: bool = False  # JetStream's own limits: tell the device `Overloaded`
+
+
+@dataclass(frozen=True, slots=True)
+class _Queued:
+    segment: Segment
+    queued_at: float
+
+
+class SegmentPublisher:
+    def __init__(
+        self,
+        js: JetStreamContext,
+        *,
+        outage_buffer_s: float,
+        publish_timeout_s: float,
+        buffer_bytes: int,
+        on_failure: Callable[[PublishFailure], None],
+        on_published: Callable[[Segment], Awaitable[None]],
+    ) -> None:
+        self.js = js
+        self.outage_buffer_s = outage_buffer_s
+        self.publish_timeout_s = publish_timeout_s
+        self.buffer_bytes = buffer_bytes
+        self.on_failure = on_failure
+        self.on_published = on_published
+        self._queue: asyncio.Queue[_Queued | None] = asyncio.Queue()
+        self._bytes = 0
+        self.published = 0
+        self.retries = 0
+        self.interims_dropped = 0
+
+    def enqueue(self, segment: Segment) -> None:
+        size = len(segment.pcm) + len(segment.context_pcm)
+        if segment.final and self._bytes + size > self.buffer_bytes:
+            message = f"segment {segment.segment} could not be queued: buffer full"
+            self.on_failure(PublishFailure(segment, "publish_buffer_full", message))
+            return
+        if not segment.final and self._bytes + size > self.buffer_bytes // 2:
+            self.interims_dropped += 1  # behind on finals: an interim look can wait
+            return
+        self._bytes += size
+        self._queue.put_nowait(_Queued(segment, time.monotonic()))
+
+    def close(self) -> None:
+        """No more segments: the task ends once the queue is empty."""
+        self._queue.put_nowait(None)
+
+    async def run(self) -> None:
+        try:
+            while True:
+                item = await self._queue.get()
+                if item is None:
+                    return
+                try:
+                    if item.segment.final:
+                        await self._publish_final(item)
+                    else:
+                        await self._publish_interim(item.segment)
+                finally:
+                    self._bytes -= len(item.segment.pcm) + len(item.segment.context_pcm)
+        except asyncio.CancelledError:
+            # out of time (the session is closing): whatever is still waiting is told, not lost
+            while not self._queue.empty():
+                left = self._queue.get_nowait()
+                if left is not None and left.segment.final:
+                    number = left.segment.segment
+                    message = f"segment {number} could not be queued"
+                    self.on_failure(PublishFailure(left.segment, "publish_failed", message))
+            raise
+
+    async def purge_interims(self, session_id: str, edge_id: str) -> None:
+        """Interrupt: interim looks still waiting for a worker are dropped."""
+        try:
+            await self.js.purge_stream(
+                subjects.STREAM_INTERIMS, subject=subjects.interims_subject(edge_id, session_id)
+            )
+        except (NatsError, TimeoutError) as exc:
+            log.info("session %s: pending interims not purged: %r", session_id, exc)
+
+    async def _publish_interim(self, segment: Segment) -> None:
+        subject = subjects.interims_subject(segment.edge_id, segment.session_id)
+        headers = {subjects.Header.TENANT: segment.tenant, subjects.Header.SESSION: segment.session_id}
+        try:
+            await self.js.publish(
+                subject, encode_segment(segment), headers=headers, timeout=self.publish_timeout_s
+            )
+        except (NatsError, TimeoutError) as exc:
+            self.interims_dropped += 1
+            log.debug("interim of %s:%d dropped: %r", segment.session_id, segment.segment, exc)
+
+    async def _publish_final(self, item: _Queued) -> None:
+        segment = item.segment
+        number = segment.segment
+        headers = {
+            subjects.Header.MSG_ID: subjects.segment_msg_id(
+                segment.session_id, number, segment.revision
+            ),
+            subjects.Header.TENANT: segment.tenant,
+            subjects.Header.SESSION: segment.session_id,
+        }
+        payload = encode_segment(segment)
+        subject = subjects.segments_subject(segment.edge_id, segment.session_id)
+        with tracer.start_as_current_span(
+            "segment.publish",
+            attributes={
+                "escapement.session": segment.session_id,
+                "escapement.segment": number,
+                "escapement.tenant": segment.tenant,
+            },
+        ):
+            inject_headers(headers)
+            while True:
+                try:
+                    left = self.outage_buffer_s - (time.monotonic() - item.queued_at)
+                    timeout = max(1.0, min(self.publish_timeout_s, left))
+                    await self.js.publish(subject, payload, headers=headers, timeout=timeout)
+                    break
+                except APIError as exc:  # JetStream's own limits (discard: new)
+                    message = f"the queue refused segment {number}: {exc.description}"
+                    self.on_failure(PublishFailure(segment, "queue_refused", message, True))
+                    return
+                except MaxPayloadError as exc:  # not an outage: it will never fit
+                    message = f"segment {number}: {exc}"
+                    self.on_failure(PublishFailure(segment, "segment_too_large", message))
+                    return
+                except (NatsError, TimeoutError) as exc:
+                    waited = time.monotonic() - item.queued_at
+                    if waited >= self.outage_buffer_s:
+                        why = type(exc).__name__
+                        message = f"segment {number} could not be queued for {waited:.0f} s ({why})"
+                        self.on_failure(PublishFailure(segment, "publish_failed", message))
+                        return
+                    self.retries += 1
+                    await asyncio.sleep(min(0.5, self.outage_buffer_s - waited))
+        self.published += 1
+        await self.on_published(segment)

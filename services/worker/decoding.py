@@ -1,0 +1,332 @@
+"""How one utterance is decoded: pure functions around a faster-whisper model.
+
+No NATS, no asyncio: `decode(model, request, policy)` is a blocking call that
+the worker runs on its executor and that `loadtest/decoding_sim.py` runs on
+recorded sessions, so the benchmark measures exactly the shipped code.
+
+Why not `WhisperModel.transcribe`: it is built for long files (a 30 s window
+loop, temperature fallback, prompt carried between windows). An utterance is
+one window, and on a live stream the costly and harmful parts of that loop
+are the fallbacks (a hallucinating segment re-decoded up to 5 times) and the
+lack of any check of the words against the audio. So this module calls the
+three model steps directly, once each: encode, generate, align.
+
+What a request holds and why (see `DecodeRequest`):
+
+- Left context audio. Whisper decodes a VAD cut on its own worse than the
+  same words inside a longer recording: the first words lack acoustic and
+  language context. The edge sends some audio before the segment (best
+  starting at an earlier utterance's start, so no word is cut in half), and
+  only words inside the new segment are kept.
+- Voiced spans from the edge VAD. Whisper invents words ("Thank you.",
+  "Okay.") where there is no speech, mostly in the quiet tail of a segment.
+  A word is kept only if it overlaps voiced audio: the decision comes from
+  the audio, not from a list of phrases.
+- A prompt of committed finals of the same session (optional). It must come
+  only from finals already committed, in order, so that the same audio gives
+  the same text whatever the timing of the workers.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+SAMPLE_RATE = 16000
+WINDOW_S = 30.0  # Whisper sees at most 30 s per call
+_PUNCTUATION = "\"'“¿([{-\"'.。,，!！?？:：”)]}、"
+
+
+@dataclass(frozen=True)
+class DecodePolicy:
+    """Every knob of the decoder. Defaults are the measured winner (see the
+    loadtest/decoding_sim.py docstring for the numbers)."""
+
+    beam_size: int = 1
+    # A retry with a wider beam when the greedy result looks unreliable (low
+    # avg_logprob or repetitive). Deterministic, unlike sampling at
+    # temperature > 0, and paid only by the few segments that need it.
+    retry_beam_size: int = 0
+    temperature: float = 0.0
+    # Seconds of prompt text used at most (characters from the end of
+    # `request.prompt`); 0 ignores the prompt.
+    prompt_chars: int = 0
+    # Whisper's own timestamp tokens make it end segments early and cost
+    # decoding steps; words are timed by cross-attention alignment anyway.
+    without_timestamps: bool = True
+    word_timestamps: bool = True
+    # New tokens allowed per second of segment audio (+ a floor): speech runs
+    # at ~3-5 tokens/s, so a repetition loop is cut short instead of running
+    # to 224 tokens (which is what makes hallucinating segments slow).
+    max_tokens_per_s: float = 8.0
+    min_max_tokens: int = 16
+    # Segment-level gates (Whisper's own): skip when the model says no speech
+    # and is not confident of the text; drop text that compresses too well.
+    no_speech_threshold: float = 0.6
+    logprob_threshold: float = -1.0
+    compression_ratio_threshold: float = 2.4
+    # Word-level gate against the edge VAD: a word must overlap the voiced
+    # spans widened by this margin (s). None disables it.
+    voiced_margin_s: float | None = 0.1
+    # Minimum overlap (s) of a word with the widened voiced spans.
+    min_voiced_overlap_s: float = 0.02
+    # Trailing words below this probability are dropped (tail hallucinations
+    # are improbable words after the speech). 0 disables it.
+    tail_min_probability: float = 0.0
+    # Keep a word when its midpoint lies after segment_start_s - this.
+    keep_after_s: float = 0.0
+    # Cut the request audio to last voiced + this pad (s) before decoding.
+    # None keeps the whole request audio.
+    trim_pad_s: float | None = None
+    # Second opinion on speech from Silero VAD (faster-whisper's ONNX): words
+    # must overlap its speech regions too. Costs ~10-30 ms per call.
+    silero: bool = False
+
+
+@dataclass(frozen=True)
+class DecodeRequest:
+    """What to decode. Times are seconds within `audio`.
+
+    audio: float32 mono 16 kHz, left context followed by the new segment.
+    segment_start_s: where the new segment begins in `audio` (0 without context).
+    prompt: committed finals of the session before the audio (may be "").
+    context_text: committed text of the context audio. When given, the
+        decoder is forced through it (Whisper's prefix) and only generates the
+        new segment's words, which is cheaper than re-decoding the context.
+        When "" the context is decoded again and words before the segment
+        start are discarded.
+    voiced: voiced spans (start_s, end_s) within `audio` from the edge VAD;
+        empty means "unknown": the voiced gate is then skipped.
+    """
+
+    audio: np.ndarray
+    segment_start_s: float = 0.0
+    prompt: str = ""
+    context_text: str = ""
+    voiced: tuple[tuple[float, float], ...] = ()
+    final: bool = True
+    language: str = "en"
+
+
+@dataclass(frozen=True)
+class DecodedWord:
+    word: str
+    start_s: float
+    end_s: float
+    probability: float
+
+
+@dataclass(frozen=True)
+class Decoded:
+    words: list[DecodedWord] = field(default_factory=list)
+    text: str = ""
+    dropped: int = 0  # words removed as non-speech (voiced/silero/tail gates)
+    skipped: str = ""  # why the whole segment gave no text ("no_speech", ...)
+    no_speech_prob: float = 0.0
+    avg_logprob: float = 0.0
+    compression_ratio: float = 0.0
+    beam_used: int = 0
+    tokens: int = 0
+
+
+def compression_ratio(text: str) -> float:
+    data = text.encode("utf-8")
+    return len(data) / len(zlib.compress(data)) if data else 0.0
+
+
+def _tokenizer(model, language: str):
+    from faster_whisper.tokenizer import Tokenizer
+
+    multilingual = model.model.is_multilingual
+    return Tokenizer(
+        model.hf_tokenizer,
+        multilingual,
+        task="transcribe",
+        language=(language or "en") if multilingual else "en",
+    )
+
+
+def _overlap(a0: float, a1: float, spans) -> float:
+    return sum(max(0.0, min(a1, b1) - max(a0, b0)) for b0, b1 in spans)
+
+
+_SILERO = None
+
+
+def silero_spans(audio: np.ndarray) -> list[tuple[float, float]]:
+    """Speech regions (s) by Silero VAD, bundled with faster-whisper as ONNX."""
+    from faster_whisper.vad import VadOptions, get_speech_timestamps
+
+    opts = VadOptions(threshold=0.5, min_speech_duration_ms=100, min_silence_duration_ms=300, speech_pad_ms=100)
+    return [
+        (c["start"] / SAMPLE_RATE, c["end"] / SAMPLE_RATE)
+        for c in get_speech_timestamps(audio, opts)
+    ]
+
+
+def _generate(model, encoder_output, prompt, tokenizer, policy, beam, max_length):
+    from faster_whisper.transcribe import get_suppressed_tokens
+
+    kwargs = {"beam_size": beam}
+    if policy.temperature > 0:
+        kwargs = {"beam_size": 1, "sampling_topk": 0, "sampling_temperature": policy.temperature}
+    return model.model.generate(
+        encoder_output,
+        [prompt],
+        max_length=max_length,
+        return_scores=True,
+        return_no_speech_prob=True,
+        suppress_blank=True,
+        suppress_tokens=get_suppressed_tokens(tokenizer, [-1]),
+        max_initial_timestamp_index=50,
+        **kwargs,
+    )[0]
+
+
+def decode(model, request: DecodeRequest, policy: DecodePolicy | None = None) -> Decoded:
+    """Decode the new segment of `request` with `model` (a faster_whisper.WhisperModel)."""
+    from faster_whisper.transcribe import pad_or_trim
+
+    policy = policy or DecodePolicy()
+    audio = np.asarray(request.audio, dtype=np.float32)
+    seg_start = float(request.segment_start_s)
+    voiced = tuple(request.voiced)
+    context_text = request.context_text.strip()
+    # Whisper sees 30 s at most: drop the oldest context beyond that.
+    excess = len(audio) / SAMPLE_RATE - WINDOW_S
+    if excess > 0:
+        cut = min(excess, seg_start)
+        audio = audio[int(round(cut * SAMPLE_RATE)) :]
+        seg_start -= cut
+        voiced = tuple((a - cut, b - cut) for a, b in voiced if b > cut)
+        context_text = ""  # no longer matches the audio
+        audio = audio[: int(WINDOW_S * SAMPLE_RATE)]
+    if policy.trim_pad_s is not None and voiced:
+        last = max(b for _, b in voiced)
+        end = max(last + policy.trim_pad_s, seg_start + 0.1)
+        audio = audio[: int(round(end * SAMPLE_RATE))]
+    duration = len(audio) / SAMPLE_RATE
+    seg_dur = max(0.0, duration - seg_start)
+    if seg_dur <= 0.05:
+        return Decoded(skipped="empty")
+
+    tokenizer = _tokenizer(model, request.language)
+    features = model.feature_extractor(audio)
+    num_frames = features.shape[-1] - 1
+    encoder_output = model.encode(pad_or_trim(features))
+
+    prompt: list[int] = []
+    if policy.prompt_chars > 0 and request.prompt.strip():
+        text = request.prompt.strip()[-policy.prompt_chars :]
+        prompt += [tokenizer.sot_prev] + tokenizer.encode(" " + text)[-(model.max_length // 2 - 1) :]
+    prompt += list(tokenizer.sot_sequence)
+    if policy.without_timestamps:
+        prompt.append(tokenizer.no_timestamps)
+    prefix_tokens: list[int] = []
+    if context_text:
+        prefix_tokens = tokenizer.encode(" " + context_text)[: model.max_length // 2 - 1]
+        if not policy.without_timestamps:
+            prompt.append(tokenizer.timestamp_begin)
+        prompt += prefix_tokens
+    # Re-decoded context needs its own tokens; forced context text does not.
+    budget_s = seg_dur if prefix_tokens else duration
+    budget = int(policy.min_max_tokens + policy.max_tokens_per_s * budget_s)
+    max_length = min(model.max_length, len(prompt) + budget)
+
+    def run(beam: int):
+        result = _generate(model, encoder_output, prompt, tokenizer, policy, beam, max_length)
+        seq = list(result.sequences_ids[0])
+        if prefix_tokens and seq[: len(prefix_tokens)] == prefix_tokens:
+            seq = seq[len(prefix_tokens) :]  # CTranslate2 returns the forced prefix too
+        tokens = [t for t in seq if t < tokenizer.eot]
+        n = len(seq)
+        avg_lp = result.scores[0] * n / (n + 1) if n else result.scores[0]
+        text = tokenizer.decode(tokens).strip()
+        return result, tokens, avg_lp, text
+
+    def unreliable(avg_lp: float, text: str, n_tokens: int) -> bool:
+        return (
+            compression_ratio(text) > policy.compression_ratio_threshold
+            or avg_lp < policy.logprob_threshold
+            or n_tokens >= budget
+        )
+
+    beam = policy.beam_size
+    result, tokens, avg_lp, text = run(beam)
+    if policy.retry_beam_size > beam and unreliable(avg_lp, text, len(tokens)):
+        beam = policy.retry_beam_size
+        result, tokens, avg_lp, text = run(beam)
+    nsp = float(result.no_speech_prob)
+    cr = compression_ratio(text)
+    stats = dict(no_speech_prob=nsp, avg_logprob=float(avg_lp), compression_ratio=cr, beam_used=beam, tokens=len(tokens))
+    if nsp > policy.no_speech_threshold and avg_lp < policy.logprob_threshold:
+        return Decoded(skipped="no_speech", **stats)
+    if cr > policy.compression_ratio_threshold:
+        return Decoded(skipped="repetitive", **stats)
+    if not tokens:
+        return Decoded(skipped="empty", **stats)
+
+    if not policy.word_timestamps:
+        words = [DecodedWord(w, seg_start, duration, 1.0) for w in _split_words(tokenizer, tokens)]
+        return Decoded(words=words, text=text, **stats)
+
+    text_tokens = [t for t in prefix_tokens + tokens if t < tokenizer.eot]
+    aligned = model.find_alignment(tokenizer, [text_tokens], encoder_output, num_frames)
+    aligned = aligned[0] if aligned else []
+    words: list[DecodedWord] = []
+    n_seen = 0
+    for w in aligned:
+        first_token = n_seen
+        n_seen += len(w["tokens"])
+        if first_token < len(prefix_tokens):
+            continue  # a word of the forced context text
+        if not w["word"].strip():
+            continue
+        start, end = float(w["start"]), float(w["end"])
+        if not prefix_tokens and _position(start, end, voiced) < seg_start - policy.keep_after_s:
+            continue  # a context word, re-decoded
+        words.append(DecodedWord(w["word"], start, end, float(w["probability"])))
+
+    dropped = 0
+    if policy.voiced_margin_s is not None and voiced:
+        m = policy.voiced_margin_s
+        wide = [(a - m, b + m) for a, b in voiced]
+        kept = [w for w in words if _overlap(w.start_s, w.end_s, wide) >= policy.min_voiced_overlap_s or _is_punct(w.word)]
+        dropped += len(words) - len(kept)
+        words = kept
+    if policy.silero and words:
+        spans = silero_spans(audio)
+        kept = [w for w in words if _overlap(w.start_s, w.end_s, spans) > 0 or _is_punct(w.word)]
+        dropped += len(words) - len(kept)
+        words = kept
+    if policy.tail_min_probability > 0:
+        while words and words[-1].probability < policy.tail_min_probability:
+            words.pop()
+            dropped += 1
+    text = "".join(w.word for w in words).strip()
+    return Decoded(words=words, text=text, dropped=dropped, **stats)
+
+
+def _position(start: float, end: float, voiced) -> float:
+    """Where a word is, for deciding whether it belongs to the new segment.
+
+    Alignment often stretches a word over the pause before it (its start
+    jumps back to the previous word's end), so the plain midpoint can fall in
+    the previous utterance. The midpoint of the word's voiced part does not.
+    """
+    parts = [(max(start, a), min(end, b)) for a, b in voiced if min(end, b) > max(start, a)]
+    if not parts:
+        return (start + end) / 2
+    total = sum(b - a for a, b in parts)
+    return sum((a + b) / 2 * (b - a) for a, b in parts) / total
+
+
+def _is_punct(word: str) -> bool:
+    return all(c in _PUNCTUATION for c in word.strip())
+
+
+def _split_words(tokenizer, tokens: list[int]) -> list[str]:
+    words, _ = tokenizer.split_to_word_tokens(tokens + [tokenizer.eot])
+    return [w for w in words if w.strip()]
