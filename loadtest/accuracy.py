@@ -32,6 +32,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import sys
 import time
 from collections import Counter
@@ -62,6 +63,9 @@ from schemas import device as ev
 from services.client import Received, Refused, StreamRun, stream_audio
 
 GROUPS = ("real", "jfk", "espeak-noise", "probe", "snr")
+# A Final ending this close before its last span's end still closes that utterance (the
+# VAD may take a faint tail for silence); one ending earlier is a piece of longer speech.
+END_TOLERANCE_MS = 300
 
 # The per-file table, in order: (key in the file's row, header, width, format).
 COLUMNS = (
@@ -227,7 +231,7 @@ def timings(item: Item, streamed: Streamed) -> Timings:
     for t, final in streamed.finals:
         covered = [s for s in spans if _overlaps(s, final.start_ms, final.end_ms)]
         # a piece cut from longer speech ends before its utterance did: no end to time from
-        if covered and final.end_ms >= covered[-1][1]:
+        if covered and final.end_ms >= covered[-1][1] - END_TOLERANCE_MS:
             sent = sent_time_of(covered[-1][1])
             if sent is not None:
                 out.final_ms.append((t - sent) * 1000)
@@ -281,12 +285,14 @@ async def stream_all(
 # --- offline ----------------------------------------------------------------------
 
 
-def load_model(model: str) -> Any:
+def load_model(model: str, compute_type: str = "default") -> Any:
+    """faster-whisper's defaults; "default" keeps the type the model was saved in (float16
+    models run as float32 on a CPU)."""
     from faster_whisper import WhisperModel
 
     from services.worker.models import resolve_model
 
-    return WhisperModel(str(resolve_model(model)))
+    return WhisperModel(str(resolve_model(model)), compute_type=compute_type)
 
 
 def decode_offline(model: Any, item: Item) -> str:
@@ -300,6 +306,10 @@ def decode_offline(model: Any, item: Item) -> str:
 
 
 # --- the report ----------------------------------------------------------------------
+
+
+def raw_words(text: str) -> int:
+    return len(re.findall(r"[\w']+", text))
 
 
 def _counts_dict(c: rs.Counts) -> dict[str, Any]:
@@ -360,11 +370,12 @@ def build_report(
         ghosts[key] += ghost
         n_finals += len(streamed.finals)
         n_interims += len(streamed.interims)
-        repeat = ""
+        repeat, passes = "", None
         if len(runs) > 1:
             identical = all(run[i].texts == streamed.texts for run in runs[1:])
             same += identical
             repeat = "same" if identical else "DIFF"
+            passes = None if identical else [run[i].texts for run in runs]
         files.append(
             {
                 "file": item.name,
@@ -398,6 +409,7 @@ def build_report(
                 "streamed_text": streamed.text,
                 "offline_text": offline[i],
                 "streamed_finals": streamed.texts,
+                "finals_by_pass": passes,  # with --repeat, when the passes differ
             }
         )
     pooled = {}
@@ -430,6 +442,9 @@ def build_report(
             "seconds": round(sum(f["duration_s"] for f in probe), 1),
             "streamed_words": sum(f["streamed_ins"] for f in probe),
             "offline_words": sum(f["offline_ins"] for f in probe),
+            # before normalising: the normaliser drops fillers ("Mmm.", "Uh.") Whisper also invents
+            "streamed_raw_words": sum(raw_words(f["streamed_text"]) for f in probe),
+            "offline_raw_words": sum(raw_words(f["offline_text"]) for f in probe),
             "streamed_text": " | ".join(f["streamed_text"] for f in probe),
             "offline_text": " | ".join(f["offline_text"] for f in probe),
         }
@@ -502,7 +517,8 @@ def format_report(report: dict[str, Any]) -> str:
         lines += [
             "",
             f"Noise probe ({pr['seconds']:g} s, nobody speaking): {pr['streamed_words']} word(s) "
-            f"streamed, {pr['offline_words']} offline",
+            f"streamed, {pr['offline_words']} offline (before normalising: "
+            f"{pr['streamed_raw_words']} and {pr['offline_raw_words']})",
         ]
         if pr["streamed_text"].strip(" |"):
             lines.append(f"  streamed: {pr['streamed_text'][:300]}")
@@ -572,7 +588,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--repeat", type=int, default=1, help="stream everything N times; report if finals differ"
     )
-    p.add_argument("--sample-rate", type=int, default=16000, choices=(8000, 16000))
+    p.add_argument(
+        "--offline-compute-type",
+        default="default",
+        help="compute type of the offline decode (default: faster-whisper's; the workers run int8)",
+    )
+    p.add_argument(
+        "--sample-rate", type=int, default=16000, choices=(8000, 16000),
+        help="build and stream the corpus at this rate (default 16000; 8000 as a phone line)",
+    )  # fmt: skip
     p.add_argument("--cache-dir", help="where sources and built files are kept")
     p.add_argument("--json", dest="json_out", help="also write the report as JSON here")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
@@ -606,7 +630,11 @@ async def run(args: argparse.Namespace) -> int:
     _say(args, f"{len(entries)} files, {audio_s:.0f} s of audio")
 
     offline: list[str] = []
-    model = await asyncio.to_thread(load_model, args.model)
+    try:
+        model = await asyncio.to_thread(load_model, args.model, args.offline_compute_type)
+    except Exception as exc:  # ModelNotFound, or ctranslate2 refusing the compute type
+        print(f"loadtest.accuracy: cannot load model {args.model}: {exc}", file=sys.stderr)
+        return 2
     t0 = time.monotonic()
     for i, entry in enumerate(entries):
         _say(args, f"offline decode {i + 1}/{len(entries)}: {entry.item.name}")
@@ -653,7 +681,8 @@ async def run(args: argparse.Namespace) -> int:
     where = f"escapement up, {args.workers} worker(s)" if spawned else url
     header = (
         f"Accuracy: model {args.model}; streamed through {where} in real time, 100 ms frames, "
-        f"{args.concurrency} at a time; offline: faster-whisper, whole file, beam 5; "
+        f"{args.concurrency} at a time; offline: faster-whisper, whole file, beam 5, "
+        f"compute type {args.offline_compute_type}; "
         f"{len(entries)} files, {audio_s:.0f} s of audio at {args.sample_rate} Hz; "
         f"{os.cpu_count()} cores"
     )
@@ -663,6 +692,7 @@ async def run(args: argparse.Namespace) -> int:
         "target": where,
         "cores": os.cpu_count(),
         "concurrency": args.concurrency,
+        "offline_compute_type": args.offline_compute_type,
         "sample_rate": args.sample_rate,
         "corpus": args.groups,
         "small": args.small,

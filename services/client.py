@@ -71,6 +71,7 @@ def stream_url(
     framing: str = "raw",
     token: str | None = None,
     fast: bool = False,
+    interim_results: bool = True,
 ) -> str:
     """`http://host:port` or `ws://host:port[/v1/stream]` -> the full stream URL."""
     parts = urlsplit(base if "://" in base else f"http://{base}")
@@ -83,6 +84,8 @@ def stream_url(
         query["framing"] = framing
     if fast:
         query["pace"] = "fast"
+    if not interim_results:
+        query["interim_results"] = "false"
     if token:
         query["token"] = token
     return urlunsplit((scheme, parts.netloc, path, urlencode(query), ""))
@@ -96,9 +99,10 @@ async def open_stream(
     language: str = "en",
     token: str | None = None,
     fast: bool = False,
+    interim_results: bool = True,
 ) -> aiohttp.ClientWebSocketResponse:
     """Just the upgrade; raises `Refused` (status, reason, Retry-After) if the edge says no."""
-    url = stream_url(base_url, sample_rate, language, fast=fast)
+    url = stream_url(base_url, sample_rate, language, fast=fast, interim_results=interim_results)
     headers = (
         {"Authorization": f"Bearer {token}"} if token else None
     )  # not in the URL: URLs get logged
@@ -125,6 +129,7 @@ async def stream_audio(
     on_event: Callable[[Received], None] | None = None,
     close_timeout: float = 60.0,
     run: StreamRun | None = None,
+    interim_results: bool = True,
 ) -> StreamRun:
     """Stream `pcm` (s16le mono) paced in real time (or as fast as possible), then CloseStream.
 
@@ -136,7 +141,13 @@ async def stream_audio(
     run = StreamRun() if run is None else run
     started = time.monotonic()
     ws = await open_stream(
-        http, base_url, sample_rate, language=language, token=token, fast=not realtime
+        http,
+        base_url,
+        sample_rate,
+        language=language,
+        token=token,
+        fast=not realtime,
+        interim_results=interim_results,
     )
     run.connected_at = time.monotonic() - started
     first = asyncio.get_running_loop().create_future()

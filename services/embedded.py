@@ -193,7 +193,12 @@ async def _run(
         stack.push_async_callback(asyncio.to_thread, server.stop)
         _write_private(data_dir / "nats.url", nats_url)
         log.info("nats-server %s (store %s)", server.public_url, server.store_dir)
-    await _apply_streams(nats_url, settings.stream_replicas)
+    nc = await connect(nats_url, "escapement-up")
+    stack.push_async_callback(nc.close)
+    try:
+        await apply_all(nc.jetstream(), replicas=settings.stream_replicas)
+    except (IncompatibleDefinition, JetStreamUnavailable) as exc:
+        raise UpError(str(exc)) from None
 
     workers = [
         WorkerProcess(_worker_env(settings, nats_url), name=f"worker {i}")
@@ -223,16 +228,6 @@ async def _run(
     _own(tasks, _announce_workers(app, len(workers), stopping))
     await stopping.wait()
     log.info("stopping")
-
-
-async def _apply_streams(nats_url: str, replicas: int) -> None:
-    nc = await connect(nats_url, "escapement-up")
-    try:
-        await apply_all(nc.jetstream(), replicas=replicas)
-    except (IncompatibleDefinition, JetStreamUnavailable) as exc:
-        raise UpError(str(exc)) from None
-    finally:
-        await nc.close()
 
 
 def _worker_env(settings: UpSettings, nats_url: str) -> dict[str, str]:

@@ -3,35 +3,44 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import json
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
-import time
+import textwrap
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import aiohttp
 import nats
 import psutil
 import pytest
 
 from services.audio import write_wav
-from tests.conftest import free_port, wer
+from services.client import stream_audio
+from services.procs import Child, ProcError, free_port, spawn
+from tests.support import until_sync, wer
 
 pytestmark = pytest.mark.slow
 
 ESCAPEMENT = [sys.executable, "-m", "services.cli"]
+BANNER = re.compile(r"Escapement is up: (\S+?)/?\s")
 
 
 class Up:
-    def __init__(self, proc: subprocess.Popen[str], url: str, lines: list[str]) -> None:
-        self.proc, self.url, self.lines = proc, url, lines
+    def __init__(self, child: Child, url: str) -> None:
+        self.child, self.url = child, url
+
+    @property
+    def output(self) -> str:
+        return self.child.log()
 
     def children(self) -> list[psutil.Process]:
-        return psutil.Process(self.proc.pid).children(recursive=True)
+        return psutil.Process(self.child.pid).children(recursive=True)
 
     def workers(self) -> list[psutil.Process]:
         found = []
@@ -45,56 +54,37 @@ class Up:
 
     def kill(self) -> None:
         """Whatever happened: the whole group (nats-server, workers) goes too."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
-        if self.proc.stdout:
-            self.proc.stdout.close()
+        self.child.kill(group=True)
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(60)
-        finally:
-            if self.proc.stdout:
-                self.proc.stdout.close()
+        return self.child.stop(grace=60)
 
 
-def start_up(tmp_path: Path, workers: int) -> Up:
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "NATS_URL"}
-    proc = subprocess.Popen(
-        [
-            *ESCAPEMENT,
-            "up",
-            "--port",
-            str(port),
-            "--data-dir",
-            str(tmp_path / "data"),
-            "--workers",
-            str(workers),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-        start_new_session=True,  # its own process group: a failed test kills it all
-    )
-    assert proc.stdout is not None
-    lines: list[str] = []
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        if (workers == 0 and "no workers" in line) or re.search(
-            rf"{workers} worker\(s\) ready", line
-        ):
-            return Up(proc, f"http://127.0.0.1:{port}", lines)
-    Up(proc, "", lines).kill()
-    raise AssertionError("escapement up did not come up:\n" + "".join(lines))
+def spawn_up(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> Child:
+    """`escapement up --port 0 ARGS` with its own data dir, its output in tmp_path/up.log."""
+    environ = {k: v for k, v in os.environ.items() if k != "NATS_URL"} | (env or {})
+    command = [*ESCAPEMENT, "up", "--port", "0", "--data-dir", str(tmp_path / "data"), *args]
+    # its own process group: a failed test kills it all
+    return spawn(command, tmp_path / "up.log", env=environ, new_session=True, name="escapement up")
+
+
+def start_up(tmp_path: Path, workers: int, env: dict[str, str] | None = None) -> Up:
+    """Returns at the banner: `up` prints it once a session would be admitted."""
+    child = spawn_up(tmp_path, "--workers", str(workers), env=env)
+    try:
+        banner = child.wait_for(BANNER, within=120)
+    except ProcError:
+        child.kill(group=True)
+        raise
+    return Up(child, banner.group(1))
+
+
+def readyz(url: str) -> tuple[int, dict[str, object]]:
+    try:
+        with urllib.request.urlopen(f"{url}/readyz", timeout=5) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
 
 
 @pytest.fixture
@@ -129,11 +119,10 @@ def up(tmp_path: Path) -> Iterator[Up]:
 
 def test_up_transcribe_and_clean_stop(up: Up, wav: tuple[Path, str], tmp_path: Path) -> None:
     path, text = wav
-    assert any("Escapement is up" in line for line in up.lines)
     # the embedded nats-server wants the generated credentials, which are never printed
     url = (tmp_path / "data" / "nats.url").read_text()
     password = url.split("://", 1)[1].split("@", 1)[0].split(":", 1)[1]
-    assert password and not any(password in line for line in up.lines)
+    assert password and password not in up.output
     assert (tmp_path / "data" / "nats.url").stat().st_mode & 0o077 == 0
     host, port = url.rsplit("@", 1)[1].split(":")
     with socket.create_connection((host, int(port)), timeout=5) as raw:  # no credentials
@@ -155,25 +144,26 @@ def test_up_transcribe_and_clean_stop(up: Up, wav: tuple[Path, str], tmp_path: P
     # a worker that dies is restarted by the supervisor
     [worker] = up.workers()
     worker.kill()
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        fresh = [w for w in up.workers() if w.pid != worker.pid and w.is_running()]
-        if fresh:
-            break
-        time.sleep(0.2)
-    assert fresh, "worker was not restarted"
+    until_sync(
+        lambda: [w for w in up.workers() if w.pid != worker.pid and w.is_running()],
+        30,
+        "worker restarted",
+    )
 
     family = up.children()
     assert up.stop() == 0
-    time.sleep(0.5)
-    assert not [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], (
-        "orphans left"
+    until_sync(
+        lambda: not [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE],
+        10,
+        "no orphans left",
     )
 
 
 def test_up_without_workers_refuses_with_a_reason(tmp_path: Path, wav: tuple[Path, str]) -> None:
     up = start_up(tmp_path, workers=0)
     try:
+        status, body = readyz(up.url)
+        assert (status, body["status"], body["waiting_for"]) == (503, "waiting", ["workers"])
         done = transcribe(str(wav[0]), "--url", up.url, "--fast")
         assert done.returncode == 3
         assert "503" in done.stderr and "no_workers" in done.stderr
@@ -211,3 +201,75 @@ def test_transcribe_reports_an_unreachable_edge(tmp_path: Path) -> None:
     write_wav(path, bytes(3200), 16000)
     done = transcribe(str(path), "--url", f"http://127.0.0.1:{free_port()}")
     assert done.returncode == 3 and "cannot reach" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_the_first_session_after_the_banner_is_admitted_and_transcribed(
+    tmp_path: Path, make_test_speech
+) -> None:  # type: ignore[no-untyped-def]
+    """A cold start (a fresh process, data dir and cache): the banner waits for the model,
+    so a session opened the moment it shows is admitted (not refused: no_workers) and
+    transcribed."""
+    speech = make_test_speech(["please turn on the lights in the kitchen"])
+    up = start_up(tmp_path, workers=1, env={"XDG_CACHE_HOME": str(tmp_path / "cache")})
+    try:
+        before_banner = up.output.split("Escapement is up", 1)[0]
+        assert "Loading the model (tiny.en) in 1 worker(s)..." in before_banner
+
+        async def first_session():  # type: ignore[no-untyped-def]
+            async with aiohttp.ClientSession() as http:
+                return await stream_audio(http, up.url, speech.pcm, 16000, realtime=False)
+
+        run = asyncio.run(first_session())
+        assert run.close_code == 1000, run.close_reason
+        assert wer(speech.text, run.text) <= 0.25, run.text
+        status, body = readyz(up.url)
+        assert (status, body["status"], body["workers"]) == (200, "ready", 1)
+        assert up.stop() == 0
+    finally:
+        up.kill()
+
+
+def test_up_says_so_when_a_worker_dies_before_it_is_ready(tmp_path: Path) -> None:
+    child = spawn_up(tmp_path, "--model", str(tmp_path / "no-such-model"))
+    try:
+        assert child.wait(within=120) == 1
+    finally:
+        child.kill(group=True)
+    output = child.log()
+    assert "worker 0 exited with 2 before it was ready" in output, output
+    assert "no-such-model" in output and "Escapement is up" not in output
+    assert "Traceback" not in output
+
+
+# Without the loadtest extra. The test venv has it installed, so its absence is a fault
+# injected here (sys.modules[name] = None makes `import name` fail as if it were not
+# installed); it cannot be produced for real in this venv.
+WITHOUT_EXTRA = textwrap.dedent(
+    """
+    import sys
+    for name in ("hdrh", "jiwer", "matplotlib"):
+        sys.modules[name] = None
+    from services.cli import main
+    sys.exit(main(sys.argv[1:]))
+    """
+)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["concurrency", "--url", "http://127.0.0.1:9"],
+        ["herd", "--spawn-up"],
+        ["compare", "a.json", "b.json"],
+    ],
+)
+def test_loadtest_without_its_extra_says_what_to_install(argv: list[str]) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", WITHOUT_EXTRA, "loadtest", *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "pip install 'escapement[loadtest]'" in done.stderr
+    assert "Traceback" not in done.stderr

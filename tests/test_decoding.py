@@ -28,7 +28,10 @@ def model():  # type: ignore[no-untyped-def]
     from faster_whisper import WhisperModel
 
     return WhisperModel(
-        str(resolve_model("tiny.en")), device="cpu", compute_type="int8", cpu_threads=2,
+        str(resolve_model("tiny.en")),
+        device="cpu",
+        compute_type="int8",
+        cpu_threads=2,
         local_files_only=True,
     )
 
@@ -110,7 +113,9 @@ def _voiced(audio: np.ndarray, frame_ms: int = 30) -> tuple[tuple[float, float],
 def test_jfk_words(model, jfk) -> None:  # type: ignore[no-untyped-def]
     out = decode(model, DecodeRequest(audio=jfk, voiced=_voiced(jfk)), DecodePolicy())
     assert _wer(JFK_TEXT, out.text) <= 0.1, out.text
-    assert out.words and all(0 <= w.start_s <= w.end_s <= len(jfk) / SAMPLE_RATE + 0.05 for w in out.words)
+    assert out.words and all(
+        0 <= w.start_s <= w.end_s <= len(jfk) / SAMPLE_RATE + 0.05 for w in out.words
+    )
 
 
 def test_noise_gives_no_words(model) -> None:  # type: ignore[no-untyped-def]
@@ -121,19 +126,26 @@ def test_noise_gives_no_words(model) -> None:  # type: ignore[no-untyped-def]
         burst = np.convolve(rng.normal(size=n), np.hanning(9) / 4.5, "same") * np.hanning(n) * 0.05
         i = int(start * SAMPLE_RATE)
         noise[i : i + n] += burst.astype(np.float32)
-    noise[int(3.3 * SAMPLE_RATE) : int(3.3 * SAMPLE_RATE) + 80] += 0.3 * np.hanning(80).astype(np.float32)
+    noise[int(3.3 * SAMPLE_RATE) : int(3.3 * SAMPLE_RATE) + 80] += 0.3 * np.hanning(80).astype(
+        np.float32
+    )
     out = decode(model, DecodeRequest(audio=noise, voiced=_voiced(noise)), DecodePolicy())
     assert out.words == [] and out.text == "", out
 
 
 def test_words_before_the_segment_are_dropped(model) -> None:  # type: ignore[no-untyped-def]
-    first, second = _prompt("agent-loginok"), _prompt("conf-locked")  # "Agent logged in." / "...locked."
+    first, second = (
+        _prompt("agent-loginok"),
+        _prompt("conf-locked"),
+    )  # "Agent logged in." / "...locked."
     gap = _room(1.2)
     audio = np.concatenate([_room(0.4), first, gap, second, _room(0.4)])
     seg_start = (0.4 * SAMPLE_RATE + len(first) + len(gap) * 0.6) / SAMPLE_RATE
     voiced = _voiced(audio)
     for context_text in ("", "Agent logged in."):  # re-decoded context, forced context
-        req = DecodeRequest(audio=audio, segment_start_s=seg_start, voiced=voiced, context_text=context_text)
+        req = DecodeRequest(
+            audio=audio, segment_start_s=seg_start, voiced=voiced, context_text=context_text
+        )
         out = decode(model, req, DecodePolicy())
         words = _words(out.text)
         assert "agent" not in words and "logged" not in words, (context_text, out.text)
@@ -142,13 +154,19 @@ def test_words_before_the_segment_are_dropped(model) -> None:  # type: ignore[no
 
 
 def test_words_outside_voiced_spans_are_dropped(model, jfk) -> None:  # type: ignore[no-untyped-def]
-    voiced = tuple((a, b) for a, b in _voiced(jfk) if b <= 5.0)  # pretend only the first 5 s are speech
+    voiced = tuple(
+        (a, b) for a, b in _voiced(jfk) if b <= 5.0
+    )  # pretend only the first 5 s are speech
     out = decode(model, DecodeRequest(audio=jfk, voiced=voiced), DecodePolicy())
     assert out.dropped > 0
     assert out.words and all(w.start_s <= 5.0 + 0.2 for w in out.words), out.words
 
 
 def test_same_audio_same_output(model, jfk) -> None:  # type: ignore[no-untyped-def]
-    req = DecodeRequest(audio=jfk[: 6 * SAMPLE_RATE], voiced=_voiced(jfk[: 6 * SAMPLE_RATE]), prompt="Inaugural address.")
+    req = DecodeRequest(
+        audio=jfk[: 6 * SAMPLE_RATE],
+        voiced=_voiced(jfk[: 6 * SAMPLE_RATE]),
+        prompt="Inaugural address.",
+    )
     a, b = decode(model, req, DecodePolicy()), decode(model, req, DecodePolicy())
     assert a == b

@@ -342,9 +342,36 @@ def _record_everything(m: Metrics) -> None:
     m.rtf.record(0.12)
 
 
-def test_instruments_work_on_the_noop_providers():
-    _record_everything(Metrics())  # the global meter: no provider installed in this process
-    _record_everything(Metrics(NoOpMeterProvider().get_meter("escapement")))
+def test_instruments_record_nothing_until_export_is_set_up_then_everything():
+    """`Metrics()` built before `setup_metrics` (or with no export asked for) records
+    into nothing; the same instruments count once a provider is installed, so a
+    service never loses metrics to the order it built things in."""
+    _record_everything(Metrics(NoOpMeterProvider().get_meter("escapement")))  # harmless
+    child = _run_child(
+        """
+        from opentelemetry import metrics
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+        import observability as obs
+
+        m = obs.Metrics()  # no provider yet: the API's no-op
+        m.sessions_admitted.add(5)
+        reader = InMemoryMetricReader()
+        metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
+        m.sessions_admitted.add(1)
+        data = reader.get_metrics_data()
+        print([
+            (metric.name, point.value)
+            for rm in data.resource_metrics
+            for sm in rm.scope_metrics
+            for metric in sm.metrics
+            for point in metric.data.data_points
+        ])
+        """,
+        _clean_env(),
+    )
+    assert child.returncode == 0, child.stderr
+    assert child.stdout == "[('escapement.sessions.admitted', 1)]\n"
 
 
 def test_instruments_record_on_an_sdk_provider():

@@ -86,9 +86,15 @@ async def queue_state(js: JetStreamContext) -> tuple[int, int, int, int]:
     )
 
 
-async def in_the_model(worker: WorkerProcess, cpu_s: float = 0.2) -> None:
-    """Once the worker process has spent `cpu_s` of CPU since now: it is transcribing
-    (a worker waiting for work uses next to none)."""
+async def in_the_model(js: JetStreamContext, worker: WorkerProcess, cpu_s: float = 0.2) -> None:
+    """Once the one segment is delivered, for the first time, and `worker` has spent
+    `cpu_s` of CPU on it: it is transcribing (a worker waiting for work uses next to none)."""
+
+    async def in_flight() -> bool:
+        _, ack_pending, _, deliveries = await queue_state(js)
+        return ack_pending == 1 and deliveries == 1
+
+    await until(in_flight, within=30, every=0.01, message="first delivery")
     process = psutil.Process(worker.pid)
 
     def used() -> float:
@@ -114,8 +120,8 @@ class Device:
         self._reader = asyncio.create_task(self._read())
 
     @classmethod
-    async def open(cls, http: aiohttp.ClientSession, edge: RunningEdge) -> Device:
-        ws = await http.ws_connect(f"{edge.url}/v1/stream?sample_rate=16000")
+    async def open(cls, http: aiohttp.ClientSession, edge: RunningEdge, query: str = "") -> Device:
+        ws = await http.ws_connect(f"{edge.url}/v1/stream?sample_rate=16000{query}")
         started = ev.decode_event((await ws.receive()).data)
         assert isinstance(started, ev.SessionStarted)
         return cls(ws, started.session_id)
@@ -173,39 +179,40 @@ async def test_poison_segments_are_dead_lettered_at_once(
 ) -> None:  # type: ignore[no-untyped-def]
     """Garbage on a real session's subject, and a segment the model cannot do
     (German for the English-only tiny.en: `PoisonSegment`): each is termed on its
-    first delivery, kept on ASR_DEAD with its reason, and the device hears of it."""
+    first delivery and kept on ASR_DEAD with its reason. The device hears of the
+    segment it queued; garbage it never queued is not passed off as its own."""
     js = nc.jetstream()
     edge_id = edge.app[edge_id_key]
-    device = await Device.open(http, edge)
-    session_id = device.session_id
-    subject = subjects.segments_subject(edge_id, session_id)
-
+    bystander = await Device.open(http, edge)
+    subject = subjects.segments_subject(edge_id, bystander.session_id)
     await js.publish(
         subject,
         b"\xc1 not msgpack",
-        headers={subjects.Header.MSG_ID: subjects.segment_msg_id(session_id, 41)},
+        headers={subjects.Header.MSG_ID: subjects.segment_msg_id(bystander.session_id, 41)},
     )
-    error = await device.error()
-    assert (error.code, error.segment) == ("bad_segment", 41), error
 
+    device = await Device.open(http, edge, "&language=de")
     speech = make_test_speech(SENTENCES[:1])
-    german = encode_segment(segment_of(speech, session_id, edge_id, 42, language="de"))
-    await js.publish(
-        subject, german, headers={subjects.Header.MSG_ID: subjects.segment_msg_id(session_id, 42)}
-    )
+    for i in range(0, len(speech.pcm), 3200):
+        await device.ws.send_bytes(speech.pcm[i : i + 3200])
+    await device.ws.send_str(ev.encode_control(ev.Finalize()))
     error = await device.error()
-    assert (error.code, error.segment) == ("poison_segment", 42), error
+    assert (error.code, error.segment) == ("poison_segment", 0), error
     await device.close()
+    await bystander.close()
+    assert not [e for e in bystander.events if isinstance(e, ev.Error)]
 
-    dead = {d.letter.segment_id: d.letter for d in await read_all(js)}
-    assert set(dead) == {f"{session_id}:41", f"{session_id}:42"}
-    for number, reason in ((41, "bad_segment"), (42, "poison_segment")):
-        letter = dead[f"{session_id}:{number}"]
-        assert (letter.reason, letter.attempts, letter.subject, letter.session) == (
-            reason,
+    dead = {d.letter.reason: d.letter for d in await read_all(js)}
+    assert set(dead) == {"bad_segment", "poison_segment"}
+    for reason, session in (
+        ("bad_segment", bystander.session_id),
+        ("poison_segment", device.session_id),
+    ):
+        letter = dead[reason]
+        assert (letter.attempts, letter.subject, letter.session) == (
             1,
-            subject,
-            session_id,
+            subjects.segments_subject(edge_id, session),
+            session,
         )
     await assert_queue_empty(js)
     assert worker.stats["retried"] == 0
@@ -267,12 +274,9 @@ async def test_segment_nobody_answers_is_dead_lettered_from_the_advisory(
         device = await Device.open(http, edge)
         session_id = device.session_id
         speech = make_test_speech(SENTENCES[:1])
-        segment = segment_of(speech, session_id, edge.app[edge_id_key], 0)
-        await js.publish(
-            subjects.segments_subject(segment.edge_id, session_id),
-            encode_segment(segment),
-            headers={subjects.Header.MSG_ID: subjects.segment_msg_id(session_id, 0)},
-        )
+        for i in range(0, len(speech.pcm), 3200):
+            await device.ws.send_bytes(speech.pcm[i : i + 3200])
+        await device.ws.send_str(ev.encode_control(ev.Finalize()))
         started = time.monotonic()
         for attempt in range(1, MAX_DELIVER + 1):
             worker = spawn_worker(**fast)
@@ -346,13 +350,7 @@ async def test_worker_killed_mid_inference(
     streaming = asyncio.create_task(
         stream_audio(http, edge.url, speech.pcm, speech.sample_rate, realtime=False)
     )
-
-    async def in_flight() -> bool:
-        _, ack_pending, _, deliveries = await queue_state(js)
-        return ack_pending == 1 and deliveries == 1
-
-    await until(in_flight, within=30, every=0.01, message="first delivery")
-    await in_the_model(first)
+    await in_the_model(js, first)
     first.kill()
     killed_at = time.monotonic()
     second = await spawn_worker().ready()
@@ -392,13 +390,7 @@ async def test_sigterm_finishes_or_hands_back_in_flight_work(
     streaming = asyncio.create_task(
         stream_audio(http, edge.url, speech.pcm, speech.sample_rate, realtime=False)
     )
-
-    async def in_flight() -> bool:
-        _, ack_pending, _, deliveries = await queue_state(js)
-        return ack_pending == 1 and deliveries == 1
-
-    await until(in_flight, within=30, every=0.01, message="delivery")
-    await in_the_model(worker)  # the worker waiting for a free slot meanwhile
+    await in_the_model(js, worker)  # the worker waiting for a free slot meanwhile
     worker.terminate()
     signalled = time.monotonic()
     assert await worker.wait(within=30) == 0

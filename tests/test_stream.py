@@ -20,9 +20,7 @@ LONG = (
 )
 
 
-def core(
-    start: StreamStart | None = None, framing: str = "raw", **config: object
-) -> StreamCore:
+def core(start: StreamStart | None = None, framing: str = "raw", **config: object) -> StreamCore:
     cfg = StreamConfig(vad=VadConfig(announce_pauses=True), **config)  # type: ignore[arg-type]
     return StreamCore("s1", "e1", "acme", StreamParams(framing=framing), cfg, start)
 
@@ -103,7 +101,9 @@ def test_same_audio_gives_the_same_segments(two) -> None:  # type: ignore[no-unt
         out = feed(c, two.pcm)
         first = finals_to_publish(out)[0]
         out += c.result(answer(first, "one"), now=50)
-        runs.append([(s.segment, s.start_ms, s.end_ms, s.pcm, s.prompt) for s in finals_to_publish(out)])
+        runs.append(
+            [(s.segment, s.start_ms, s.end_ms, s.pcm, s.prompt) for s in finals_to_publish(out)]
+        )
     assert runs[0] == runs[1] and len(runs[0]) == 2
 
 
@@ -147,7 +147,9 @@ def test_resume_goes_on_where_the_session_stood(two) -> None:  # type: ignore[no
     assert segs[0].segment == 7 and segs[0].start_ms > 60_000
     owed_result = Result(session_id="s1", segment=5, start_ms=1, end_ms=2, text="earlier")
     assert [type(o) for o in c.result(owed_result, now=9)] == [ev.Final]
-    assert c.result(msgspec.structs.replace(owed_result, segment=4), now=9) == []  # delivered before
+    assert (
+        c.result(msgspec.structs.replace(owed_result, segment=4), now=9) == []
+    )  # delivered before
 
 
 def test_each_result_reaches_the_device_once(two) -> None:  # type: ignore[no-untyped-def]
@@ -156,7 +158,9 @@ def test_each_result_reaches_the_device_once(two) -> None:  # type: ignore[no-un
     res = answer(seg, "Please turn on the lights.")
     assert events(c.result(res, now=9), ev.Final)
     assert c.result(res, now=9.1) == []  # a redelivered segment decoded twice
-    err = ErrorResult(session_id="s1", segment=seg.segment, code="x", message="y", revision=seg.revision)
+    err = ErrorResult(
+        session_id="s1", segment=seg.segment, code="x", message="y", revision=seg.revision
+    )
     assert c.result(err, now=9.2) == []
 
 
@@ -164,7 +168,11 @@ def test_an_error_then_a_replayed_final_both_reach_the_device(two) -> None:  # t
     c = core(interims=False)
     seg = finals_to_publish(feed(c, two.pcm))[0]
     err = ErrorResult(
-        session_id="s1", segment=seg.segment, code="poison_segment", message="no", revision=seg.revision
+        session_id="s1",
+        segment=seg.segment,
+        code="poison_segment",
+        message="no",
+        revision=seg.revision,
     )
     assert [type(o) for o in c.result(err, now=9)][0] is ev.Error
     replayed = answer(seg, "Please turn on the lights.")
@@ -193,9 +201,10 @@ def test_a_pause_that_was_not_the_end_voids_its_candidate(make_test_speech) -> N
     void, real = candidates
     assert void.revision != real.revision and void.segment == real.segment == 0
     assert c.result(answer(void, "Please turn on."), now=5) == []  # dropped
-    assert [e.text for e in events(c.result(answer(real, "Please turn on the lights."), now=5), ev.Final)] == [
-        "Please turn on the lights."
-    ]
+    assert [
+        e.text
+        for e in events(c.result(answer(real, "Please turn on the lights."), now=5), ev.Final)
+    ] == ["Please turn on the lights."]
 
 
 def test_interims_come_while_speaking_and_never_after_the_final(long_one) -> None:  # type: ignore[no-untyped-def]

@@ -132,9 +132,7 @@ class Admission:
         if self.active_sessions() >= cfg.max_connections:
             return Refusal(503, "too_many_connections", "this edge is at its connection limit", 1)
         if self.tenants[tenant] >= cfg.max_connections_per_tenant:
-            return Refusal(
-                429, "too_many_connections", "your tenant is at its connection limit", 1
-            )
+            return Refusal(429, "too_many_connections", "your tenant is at its connection limit", 1)
         if not self.nc.is_connected:
             return Refusal(503, "nats_unavailable", "the queue is unreachable", 2.0)
         if cfg.require_workers and self.workers == 0:

@@ -141,7 +141,9 @@ async def stream_handler(request: web.Request) -> web.StreamResponse:
     except BadRequest as exc:
         return refuse(request, 400, exc.reason, exc.message)
     except (AuthError, ResumeRefused, Refused) as exc:
-        return refuse(request, exc.status, exc.reason, exc.message, getattr(exc, "retry_after", None))
+        return refuse(
+            request, exc.status, exc.reason, exc.message, getattr(exc, "retry_after", None)
+        )
     record = opening.record
     ws = web.WebSocketResponse(
         max_msg_size=settings.max_frame_bytes, heartbeat=settings.heartbeat_s, autoping=True

@@ -115,7 +115,10 @@ class SegmentPublisher:
 
     async def _publish_interim(self, segment: Segment) -> None:
         subject = subjects.interims_subject(segment.edge_id, segment.session_id)
-        headers = {subjects.Header.TENANT: segment.tenant, subjects.Header.SESSION: segment.session_id}
+        headers = {
+            subjects.Header.TENANT: segment.tenant,
+            subjects.Header.SESSION: segment.session_id,
+        }
         try:
             await self.js.publish(
                 subject, encode_segment(segment), headers=headers, timeout=self.publish_timeout_s

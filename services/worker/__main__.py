@@ -8,6 +8,8 @@ import logging
 import signal
 import sys
 
+from nats.errors import Error as NatsError
+
 from jetstream.setup import IncompatibleDefinition, JetStreamUnavailable, apply_all
 from observability import telemetry
 from services.config import SettingsError, from_env
@@ -69,7 +71,7 @@ async def serve(settings: WorkerSettings) -> int:
         await worker.close()
         try:
             await asyncio.wait_for(nc.drain(), timeout=5)
-        except TimeoutError:
+        except (TimeoutError, NatsError):  # no server to drain to (reconnecting): just close
             await nc.close()
         log.info("worker stopped: %s", worker.stats)
     return 0

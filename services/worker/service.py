@@ -66,6 +66,7 @@ from schemas.pipeline import Result, ResultMessage, Segment, decode_segment, enc
 from services.worker.deadletter import MAX_DELIVERIES, DeadLetters, Queued
 from services.worker.delivery import Delivery, Lease
 from services.worker.engines import Engine, EngineError, Transcription
+from services.worker.interims import InterimLooks
 from services.worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -148,6 +149,7 @@ class Worker:
         psub = await self.js.pull_subscribe_bind(
             subjects.CONSUMER_WORKERS, stream=subjects.STREAM_SEGMENTS
         )
+        looks = await self._interim_looks()
         self.ready.set()
         log.info(
             "worker ready (engine %s, concurrency %d, ack_wait %g s, max_deliver %d)",
@@ -162,10 +164,13 @@ class Worker:
                     await asyncio.wait({*self._jobs, stopping}, return_when=asyncio.FIRST_COMPLETED)
                     continue
                 asked = time.monotonic()
+                wait = looks.poll_s if looks else self.settings.fetch_timeout_s
                 try:
-                    msgs = await psub.fetch(free, timeout=self.settings.fetch_timeout_s)
+                    msgs = await psub.fetch(free, timeout=wait)
                 except NatsTimeoutError:
                     ended_empty = asked
+                    if looks:  # no final waits: one interim look may use the slot
+                        await self._take_look(looks)
                     continue  # nothing queued: not an error
                 except NatsError as exc:  # no leader, reconnecting, ...: the cluster recovers
                     ended_empty = asked
@@ -185,6 +190,8 @@ class Worker:
         finally:
             stopping.cancel()
             await self._finish_jobs()
+            if looks:
+                await looks.stop()
             await self._unsubscribe(psub, "segments")
             await self._unsubscribe(advisories, "max-deliveries advisories")
 
@@ -197,6 +204,34 @@ class Worker:
             await sub.unsubscribe()
         except NatsError as exc:
             log.warning("could not unsubscribe from %s: %r", what, exc)
+
+    async def _interim_looks(self) -> InterimLooks | None:
+        if not self.settings.interims:
+            return None
+        looks = InterimLooks(
+            self.nc,
+            self._decode_look,
+            self.settings.interim_max_age_s,
+            self.settings.interim_poll_s,
+        )
+        try:
+            await looks.start()
+        except (NatsError, TimeoutError) as exc:  # an older deployment without ASR_INTERIMS
+            log.warning("no interim looks (%r): finals only", exc)
+            return None
+        return looks
+
+    async def _take_look(self, looks: InterimLooks) -> None:
+        msg = await looks.take()
+        if msg is None:
+            return
+        task = asyncio.create_task(looks.handle(msg))
+        self._jobs.add(task)
+        task.add_done_callback(self._jobs.discard)
+
+    async def _decode_look(self, segment: Segment) -> tuple[Transcription, str]:
+        assert self.engine is not None
+        return await self.run_blocking(self._engine_call, segment), self.engine.name
 
     def _count_lapse(self) -> None:
         self.stats["lapsed"] += 1

@@ -21,4 +21,8 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True):
     # The consumer's own max_deliver wins; this bounds attempts where it sets none.
     max_deliver: int = 5
     shutdown_grace_s: float = 20.0
+    # interim looks (ASR_INTERIMS): taken only when a fetch of finals came back empty
+    interims: bool = True
+    interim_poll_s: float = 0.05  # how long a fetch of finals waits before a look is taken
+    interim_max_age_s: float = 1.5  # a look older than this is stale: dropped unread
     log_level: str = "INFO"

@@ -1,0 +1,143 @@
+"""The real-speech corpus (`loadtest.realspeech`) and the accuracy benchmark
+(`python -m loadtest.accuracy --small`) against a real `escapement up`.
+
+The gates below are what holds today. Tighten them as decoding improves; a gate
+that is None is measured and reported but not asserted yet.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from loadtest import accuracy
+from loadtest import realspeech as rs
+from loadtest.corpus import CorpusError, default_cache_dir
+
+# --- gates ----------------------------------------------------------------------
+OFFLINE_REAL_WER_MAX = 0.25  # the model decoding whole files offline, real sessions pooled
+STREAMED_REAL_WER_MAX: float | None = None  # not gated yet: streamed decoding is being reworked
+STREAMED_MINUS_OFFLINE_WER_MAX: float | None = None  # the streaming penalty, real sessions
+PROBE_WORDS_MAX: int | None = None  # words streamed while nobody spoke (target: 0)
+SNR_INSERTIONS_PER_100_MAX: float | None = None  # streamed, at 10 dB
+SNR_TOLERANCE_DB = 1.0  # a mix's measured SNR against the one asked for
+ROOM_NOISE_DBFS = (-55.0, -35.0)  # the gaps between prompts: room noise, not digital silence
+
+
+@pytest.fixture(scope="module")
+def cache() -> Path:
+    """The user's speech cache: the sources are fetched once and built files keyed by hash."""
+    return default_cache_dir()
+
+
+@pytest.fixture(scope="module")
+def entries(cache: Path) -> list[accuracy.Entry]:
+    try:
+        return accuracy.build_entries(list(accuracy.GROUPS), accuracy.SMALL, cache)
+    except CorpusError as exc:
+        pytest.fail(f"the real-speech corpus cannot be built ({exc}); see scripts/setup --test")
+
+
+def test_score_counts_errors_apart_after_normalising() -> None:
+    assert rs.score("Press 2 for sales.", "press two for sales") == rs.Counts(0, 0, 0, 4)
+    assert rs.score("Press 2 for sales.", "Press 2 for sales. Thank you.") == rs.Counts(0, 0, 2, 4)
+    assert rs.score("please hold the line", "please old line") == rs.Counts(1, 1, 0, 4)
+    assert rs.score("", "thank you") == rs.Counts(ins=2)
+    assert rs.score("hello there", "") == rs.Counts(dele=2, ref_words=2)
+    pooled = rs.Counts(1, 0, 1, 10) + rs.Counts(0, 2, 0, 10)
+    assert pooled == rs.Counts(1, 2, 1, 20) and pooled.wer == pytest.approx(0.2)
+
+
+@pytest.mark.slow
+def test_small_corpus_is_well_formed(entries: list[accuracy.Entry]) -> None:
+    groups = {e.group for e in entries}
+    assert groups == set(accuracy.GROUPS)
+    for entry in entries:
+        item = entry.item
+        assert item.sample_rate == 16000 and len(item.pcm) % 2 == 0
+        duration_ms = item.duration_s * 1000
+        if entry.group == "probe":
+            assert item.text == "" and not item.spans
+            assert item.duration_s == pytest.approx(accuracy.SMALL.probe_s, abs=0.1)
+            continue
+        assert item.text.strip(), item.name
+        assert item.spans, item.name
+        previous_end = 0.0
+        for start, end in item.spans:
+            assert previous_end <= start < end <= duration_ms, (item.name, start, end)
+            previous_end = end
+    real = [e.item for e in entries if e.group == "real"]
+    assert len(real) == accuracy.SMALL.sessions
+    for item in real:
+        assert len(item.spans or ()) >= 3  # a continuous session of several prompts
+        x = rs.to_float(item.pcm)
+        spans = item.spans or ()
+        for (_, end), (start, _) in zip(spans, spans[1:], strict=False):
+            gap = x[int(end * 16) : int(start * 16)]
+            assert 0.7 * 16000 <= len(gap) <= 2.5 * 16000 + 1
+            assert ROOM_NOISE_DBFS[0] < rs.dbfs(gap) < ROOM_NOISE_DBFS[1], item.name
+            assert np.count_nonzero(gap) > 0.9 * len(gap)  # not digital silence
+    by_name = {e.item.name: e.item for e in entries}
+    for entry in entries:
+        if entry.group == "snr":
+            clean = by_name[entry.item.name.split("@")[0]]
+            assert entry.item.text == clean.text and entry.item.spans == clean.spans
+            measured = rs.measured_snr(clean, entry.item)
+            assert abs(measured - (entry.snr_db or 0)) <= SNR_TOLERANCE_DB, measured
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_small_benchmark_against_a_real_pipeline(
+    entries: list[accuracy.Entry], cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "accuracy.json"
+    code = accuracy.main(
+        ["--small", "--spawn-up", "--model", "tiny.en", "--cache-dir", str(cache),
+         "--json", str(out), "--quiet"]
+    )  # fmt: skip
+    printed = capsys.readouterr().out
+    report: dict[str, Any] = json.loads(out.read_text())
+    assert code == 0, (report["incomplete"], report["no_finals"], printed)
+
+    # every file streamed to the end; every file with speech got finals
+    assert not report["incomplete"] and not report["no_finals"]
+    names = [f["file"] for f in report["files"]]
+    assert names == [e.item.name for e in entries]
+    for row in report["files"]:
+        assert row["outcome"] == "completed"
+        if row["ref_words"]:
+            assert row["finals"] > 0, row["file"]
+
+    # the report has every column, in the JSON and in the printed table
+    header = printed.splitlines()[2]
+    for key, title, _, _ in accuracy.COLUMNS:
+        assert all(key in row for row in report["files"]), key
+        assert title in header, title
+    for key in ("real", "jfk", "espeak-noise", "snr-10dB", "all speech"):
+        pooled = report["pooled"][key]
+        for side in ("streamed", "offline"):
+            assert set(pooled[side]) >= {"wer", "sub", "del", "ins", "ref_words", "ins_per_100"}
+        assert "delta_wer" in pooled and "ghost_words" in pooled
+    assert report["probe"] is not None and "streamed_words" in report["probe"]
+    for part in ("final", "first_interim", "speech_started"):
+        assert set(report["latency_ms"][part]) == {"count", "p50", "p95"}
+    assert report["latency_ms"]["final"]["count"] > 0
+    assert "interims_per_final" in report
+
+    # the gates
+    real = report["pooled"]["real"]
+    assert real["offline"]["wer"] < OFFLINE_REAL_WER_MAX, real
+    if STREAMED_REAL_WER_MAX is not None:
+        assert real["streamed"]["wer"] < STREAMED_REAL_WER_MAX, real
+    if STREAMED_MINUS_OFFLINE_WER_MAX is not None:
+        assert real["delta_wer"] < STREAMED_MINUS_OFFLINE_WER_MAX, real
+    if PROBE_WORDS_MAX is not None:
+        assert report["probe"]["streamed_words"] <= PROBE_WORDS_MAX, report["probe"]
+    if SNR_INSERTIONS_PER_100_MAX is not None:
+        snr = report["pooled"]["snr-10dB"]["streamed"]
+        assert snr["ins_per_100"] <= SNR_INSERTIONS_PER_100_MAX, snr
