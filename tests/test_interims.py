@@ -81,7 +81,7 @@ async def test_no_interim_after_its_final_under_load(
     for talk, run in zip(talks, runs, strict=True):
         assert run.close_code == 1000
         assert sorted(f.segment for f in run.finals) == list(range(len(talk.spans))), run.finals
-        for segment, (interims, late) in interims_before_final(run).items():
+        for segment, (_, late) in interims_before_final(run).items():
             assert not late, f"an interim of segment {segment} came after its Final"
         assert wer(talk.text, run.text) <= 0.3, run.text
     assert any(run.of_type(ev.Interim) for run in runs)
