@@ -26,7 +26,6 @@ from services.worker.engines import WhisperEngine
 from services.worker.models import resolve_model
 from services.worker.service import Worker
 from tests.support import LIGHT_WORKER_ENV, RunningEdge, run_edge, run_worker
-from tests.support import wer as wer  # test_siege.py still imports it from here
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,7 @@ from loadtest.edge_bench import Edge
 from schemas import device as ev
 from services.edge.auth import Authenticator, AuthError
 from services.edge.params import BadRequest, parse_stream_params
-from tests.conftest import run_edge, run_worker, wer
+from tests.support import run_edge, run_worker, wer
 
 pytestmark = pytest.mark.slow
 
