@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import jiwer
 import platformdirs
 
 from loadtest.speech import SENTENCES, make_speech, read_wav
@@ -128,28 +127,10 @@ def load_dir(folder: Path) -> Corpus:
     return Corpus(items, str(folder))
 
 
-_normalise = jiwer.Compose(
-    [
-        jiwer.ToLowerCase(),
-        jiwer.RemovePunctuation(),
-        jiwer.RemoveMultipleSpaces(),
-        jiwer.Strip(),
-        jiwer.ReduceToListOfListOfWords(),
-    ]
-)
-
-
 def word_errors(reference: str, hypothesis: str) -> tuple[int, int]:
-    """(substitutions + deletions + insertions, reference words), case and punctuation ignored."""
-    ref_words = len(" ".join(reference.lower().split()).split())
-    if ref_words == 0:
-        return 0, 0
-    if not hypothesis.strip() or not _normalise(hypothesis)[0]:
-        return ref_words, ref_words
-    out = jiwer.process_words(
-        reference, hypothesis, reference_transform=_normalise, hypothesis_transform=_normalise
-    )
-    return (
-        out.substitutions + out.deletions + out.insertions,
-        out.substitutions + out.deletions + out.hits,
-    )
+    """(substitutions + deletions + insertions, reference words), after the one shared
+    normalisation (Whisper's English normaliser, `loadtest.realspeech.score`)."""
+    from loadtest.realspeech import score
+
+    counts = score(reference, hypothesis)
+    return counts.errors, counts.ref_words

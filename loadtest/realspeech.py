@@ -541,7 +541,6 @@ def noise_probe(
     breath_src = sox_synth(
         rate, 20.0, "pinknoise", "highpass", "250", "lowpass", str(min(3000, rate // 2 - 200))
     )
-    lengths = {"breath": 0.0, "clicks": 0.0, "chord": 0.0}
     t = pick.uniform(0.5, 1.5)
     while t < seconds - 1.0:
         kind = pick.choices(["breath", "clicks", "chord", "quiet"], [0.35, 0.25, 0.25, 0.15])[0]
@@ -569,8 +568,6 @@ def noise_probe(
             event = _at_level(tone, pick.uniform(-28, -18))
         else:
             event = np.zeros(int(pick.uniform(1.0, 3.0) * rate))
-        if kind in lengths:
-            lengths[kind] += len(event) / rate
         end = min(n, pos + len(event))
         out[pos:end] += event[: end - pos]
         t += len(event) / rate + pick.uniform(1.0, 4.0)

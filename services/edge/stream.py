@@ -339,13 +339,15 @@ class StreamCore:
             out.append(self._segment(held))
         return out
 
-    def _segment(self, held: _Held, final: bool = True) -> Segment:
-        utt = held.utterance
+    def _segment(self, held: _Held) -> Segment:
+        return self._make(held.number, held.revision, held.utterance, final=True)
+
+    def _make(self, number: int, revision: int, utt: Utterance, final: bool) -> Segment:
         offset = self.offset_ms
         return Segment(
             session_id=self.session_id,
             edge_id=self.edge_id,
-            segment=held.number,
+            segment=number,
             start_ms=offset + utt.start_ms,
             end_ms=offset + utt.end_ms,
             sample_rate=self.params.sample_rate,
@@ -353,10 +355,10 @@ class StreamCore:
             context_pcm=self._context(utt.start_ms),
             voiced=[(offset + a, offset + b) for a, b in utt.voiced],
             language=self.params.language,
-            prompt=self.prompt_before(held.number),
+            prompt=self.prompt_before(number),
             tenant=self.tenant,
             final=final,
-            revision=held.revision,
+            revision=revision,
         )
 
     def _maybe_interim(self, out: list[Output]) -> None:
@@ -372,25 +374,7 @@ class StreamCore:
             return
         state.looks += 1
         self.interim_published += 1
-        offset = self.offset_ms
-        out.append(
-            Segment(
-                session_id=self.session_id,
-                edge_id=self.edge_id,
-                segment=state.number,
-                start_ms=offset + utt.start_ms,
-                end_ms=offset + utt.end_ms,
-                sample_rate=self.params.sample_rate,
-                pcm=utt.pcm,
-                context_pcm=self._context(utt.start_ms),
-                voiced=[(offset + a, offset + b) for a, b in utt.voiced],
-                language=self.params.language,
-                prompt=self.prompt_before(state.number),
-                tenant=self.tenant,
-                final=False,
-                revision=state.looks - 1,
-            )
-        )
+        out.append(self._make(state.number, state.looks - 1, utt, final=False))
 
     # --- prompt ---------------------------------------------------------------
 

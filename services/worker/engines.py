@@ -15,7 +15,7 @@ from typing import Protocol
 
 import numpy as np
 
-from schemas.pipeline import Word
+from schemas.pipeline import Result, Segment, Word
 from services.audio import wav_bytes
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,23 @@ class Transcription:
     words: list[Word] = field(default_factory=list)
     language: str = ""
     inference_ms: float = 0.0
+
+
+def result_of(segment: Segment, transcription: Transcription, engine: str) -> Result:
+    """The answer to one segment (final or interim look), naming the revision it answers."""
+    return Result(
+        session_id=segment.session_id,
+        segment=segment.segment,
+        start_ms=segment.start_ms,
+        end_ms=segment.end_ms,
+        text=transcription.text,
+        words=transcription.words,
+        final=segment.final,
+        revision=segment.revision,
+        engine=engine,
+        inference_ms=round(transcription.inference_ms, 1),
+        language=transcription.language,
+    )
 
 
 class Engine(Protocol):

@@ -24,8 +24,8 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 
 from jetstream import subjects
-from schemas.pipeline import Result, Segment, decode_segment, encode_result
-from services.worker.engines import Transcription
+from schemas.pipeline import Segment, decode_segment, encode_result
+from services.worker.engines import Transcription, result_of
 
 log = logging.getLogger(__name__)
 
@@ -88,19 +88,7 @@ class InterimLooks:
                 log.info("interim look of %s failed: %r", segment.session_id, exc)
                 self.stats["failed"] += 1
                 return
-            result = Result(
-                session_id=segment.session_id,
-                segment=segment.segment,
-                start_ms=segment.start_ms,
-                end_ms=segment.end_ms,
-                text=transcription.text,
-                words=transcription.words,
-                final=False,
-                revision=segment.revision,
-                engine=engine,
-                inference_ms=round(transcription.inference_ms, 1),
-                language=transcription.language,
-            )
+            result = result_of(segment, transcription, engine)
             await self.nc.publish(
                 subjects.partials_subject(segment.edge_id, segment.session_id),
                 encode_result(result),

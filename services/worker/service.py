@@ -65,7 +65,7 @@ from observability.tracing import extract_context, get_tracer
 from schemas.pipeline import Result, ResultMessage, Segment, decode_segment, encode_result
 from services.worker.deadletter import MAX_DELIVERIES, DeadLetters, Queued
 from services.worker.delivery import Delivery, Lease
-from services.worker.engines import Engine, EngineError, Transcription
+from services.worker.engines import Engine, EngineError, Transcription, result_of
 from services.worker.interims import InterimLooks
 from services.worker.settings import WorkerSettings
 
@@ -328,19 +328,7 @@ class Worker:
             await self._retry_or_give_up(delivery, segment, exc)
             return
         assert self.engine is not None
-        result = Result(
-            session_id=segment.session_id,
-            segment=segment.segment,
-            start_ms=segment.start_ms,
-            end_ms=segment.end_ms,
-            text=transcription.text,
-            words=transcription.words,
-            final=segment.final,
-            revision=segment.revision,
-            engine=self.engine.name,
-            inference_ms=round(transcription.inference_ms, 1),
-            language=transcription.language,
-        )
+        result = result_of(segment, transcription, self.engine.name)
         # A NATS outage (a cluster electing a leader) must not use up deliveries:
         # keep the lease and retry the publish for a while before handing it back.
         async with delivery.kept_alive(every):
