@@ -3,11 +3,18 @@
 Nothing is configured at import. A service's `__main__` runs inside
 `with telemetry(service_name, log_level):`, which sets up logging, tracing and
 metrics and shuts the exporters down on the way out. Export happens only when
-the standard `OTEL_*` variables name an OTLP endpoint.
+the standard `OTEL_*` variables name an OTLP endpoint; metrics are also ready
+for Prometheus to pull from `/metrics` (`prometheus_exposition`).
 """
 
 from observability.logging import setup_logging
-from observability.metrics import Metrics, get_meter, setup_metrics, shutdown_metrics
+from observability.metrics import (
+    Metrics,
+    get_meter,
+    prometheus_exposition,
+    setup_metrics,
+    shutdown_metrics,
+)
 from observability.telemetry import telemetry
 from observability.tracing import (
     extract_context,
@@ -24,6 +31,7 @@ __all__ = [
     "get_meter",
     "get_tracer",
     "inject_headers",
+    "prometheus_exposition",
     "setup_logging",
     "setup_metrics",
     "setup_tracing",

@@ -3,13 +3,17 @@
 Every record gets the current span's `trace_id` and `span_id` (empty outside
 a span), so a log line leads to its trace in Tempo. `json=True` writes one
 JSON object per line for a log collector; otherwise a plain line for people.
+`ESCAPEMENT_LOG_FORMAT=json` asks `telemetry()` (every service's `__main__`)
+for JSON (`log_format_json`).
 """
 
 from __future__ import annotations
 
 import json as _json
 import logging
+import os
 import sys
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import IO, Any
 
@@ -18,6 +22,17 @@ from opentelemetry import trace
 # The attributes every LogRecord has; anything else came in through `extra=`.
 _STANDARD = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
 _TRACE_FIELDS = frozenset({"trace_id", "span_id"})
+
+
+LOG_FORMAT_VARIABLE = "ESCAPEMENT_LOG_FORMAT"  # "text" (default) or "json"
+
+
+def log_format_json(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether `ESCAPEMENT_LOG_FORMAT` asks for JSON lines (anything but json/text: a warning)."""
+    value = (os.environ if environ is None else environ).get(LOG_FORMAT_VARIABLE, "").strip()
+    if value.lower() not in ("", "text", "json"):
+        print(f"{LOG_FORMAT_VARIABLE}={value!r}: expected text or json", file=sys.stderr)
+    return value.lower() == "json"
 
 
 class TraceContextFilter(logging.Filter):

@@ -5,6 +5,11 @@ Export is opt-in: a signal is exported only when an OTLP endpoint is named
 `..._METRICS_ENDPOINT`), `OTEL_SDK_DISABLED` is not `true`, and the signal's
 `OTEL_<SIGNAL>_EXPORTER` (default `otlp`) includes `otlp`. Without that the
 API's no-op providers stay in place: no threads, no sockets, no warnings.
+
+Prometheus (`/metrics`, pulled, so nothing leaves unasked) is the one
+exception: a service's `telemetry()` serves it unless `OTEL_SDK_DISABLED=true`
+or `OTEL_METRICS_EXPORTER` is set and does not name `prometheus` (e.g. `none`,
+or `otlp` alone).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ Signal = Literal["traces", "metrics"]
 
 SERVICE_NAMESPACE = "escapement"
 SUPPORTED_PROTOCOL = "http/protobuf"
+KNOWN_EXPORTERS = {"traces": {"otlp", "none"}, "metrics": {"otlp", "prometheus", "none"}}
 
 
 def _env(environ: Mapping[str, str] | None) -> Mapping[str, str]:
@@ -34,22 +40,27 @@ def sdk_disabled(environ: Mapping[str, str] | None = None) -> bool:
     return _env(environ).get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
 
 
+def _exporters(signal: Signal, env: Mapping[str, str], default: str) -> set[str]:
+    return {
+        name.strip().lower()
+        for name in env.get(f"OTEL_{signal.upper()}_EXPORTER", default).split(",")
+        if name.strip()
+    }
+
+
 def export_requested(signal: Signal, environ: Mapping[str, str] | None = None) -> bool:
     """Whether the environment asks for OTLP export of `signal`."""
     env = _env(environ)
     if sdk_disabled(env):
         return False
-    wanted = {
-        name.strip().lower()
-        for name in env.get(f"OTEL_{signal.upper()}_EXPORTER", "otlp").split(",")
-        if name.strip()
-    }
-    unsupported = wanted - {"otlp", "none"}
+    wanted = _exporters(signal, env, "otlp")
+    unsupported = wanted - KNOWN_EXPORTERS[signal]
     if unsupported:
         log.warning(
-            "OTEL_%s_EXPORTER names %s; only 'otlp' (over HTTP) is available",
+            "OTEL_%s_EXPORTER names %s; available: %s",
             signal.upper(),
             ", ".join(sorted(unsupported)),
+            ", ".join(sorted(KNOWN_EXPORTERS[signal] - {"none"})),
         )
     if "otlp" not in wanted:
         return False
@@ -70,6 +81,20 @@ def export_requested(signal: Signal, environ: Mapping[str, str] | None = None) -
             SUPPORTED_PROTOCOL,
         )
     return True
+
+
+def prometheus_requested(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether a service should serve its metrics for Prometheus to scrape (`/metrics`).
+
+    Yes unless the SDK is disabled or `OTEL_METRICS_EXPORTER` is set without
+    `prometheus` in it: unset, it means `otlp,prometheus` here.
+    """
+    env = _env(environ)
+    if sdk_disabled(env):
+        return False
+    if not env.get("OTEL_METRICS_EXPORTER", "").strip():
+        return True
+    return "prometheus" in _exporters("metrics", env, "")
 
 
 def _version() -> str:

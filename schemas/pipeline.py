@@ -29,6 +29,9 @@ class Segment(msgspec.Struct, tag=True, kw_only=True, frozen=True):
     # The audio just before start_ms (same rate), starting at an earlier utterance's
     # start: left context for the model. Words in it are not part of this segment.
     context_pcm: bytes = b""
+    # The committed text of the finals said in context_pcm: the decoder is forced
+    # through it and decodes only the new words ("" when any of them is not known).
+    context_text: str = ""
     # (start_ms, end_ms) of each run of voiced frames the edge's VAD heard, on the
     # session timeline: words far outside them are noise, not speech.
     voiced: list[tuple[int, int]] = []

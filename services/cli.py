@@ -218,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
 DELEGATED = {
     "loadtest": ("loadtest.cli", "drive load at a running Escapement and report"),
     "dlq": ("services.dlq", "list and replay dead-lettered segments"),
+    "status": ("services.status", "queue, workers, throughput and latency on one screen"),
 }
 
 

@@ -43,7 +43,7 @@ def make_test_speech(speech_dir: Path):  # type: ignore[no-untyped-def]
 
 @pytest.fixture(scope="session")
 def engine() -> WhisperEngine:
-    return WhisperEngine(resolve_model("tiny.en"), cpu_threads=2, beam_size=5)
+    return WhisperEngine(resolve_model("tiny.en"), cpu_threads=2)
 
 
 @pytest.fixture

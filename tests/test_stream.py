@@ -80,7 +80,10 @@ def test_speech_started_comes_at_the_onset_and_segments_are_numbered_in_order(tw
     assert [type(o) for o in first] == [ev.Final, Segment]
     second = first[1]
     assert isinstance(second, Segment) and second.segment == 1
-    assert second.prompt == "Please turn on the lights."
+    # its left context: the first utterance's audio from its start, and its committed text
+    assert second.context_text == "Please turn on the lights."
+    assert len(second.context_pcm) == (second.start_ms - segs[0].start_ms) * RATE // 1000 * 2
+    assert second.context_pcm[: len(segs[0].pcm)] == segs[0].pcm
     assert segs[0].start_ms < segs[0].end_ms <= second.start_ms
     assert c.result(answer(second, "Set a timer for ten minutes."), now=99.5)[0].segment == 1
     assert c.settled
@@ -91,7 +94,8 @@ def test_a_segment_waits_for_earlier_results_only_so_long(two) -> None:  # type:
     out = feed(c, two.pcm + b"\0" * RATE * 2)  # two more seconds of silence go by
     segs = finals_to_publish(out)
     assert [s.segment for s in segs] == [0, 1]
-    assert segs[1].prompt == ""  # the first result never came in time: nothing is guessed
+    # the first result never came in time: no context is guessed
+    assert segs[1].context_text == "" and segs[1].context_pcm == b""
 
 
 def test_same_audio_gives_the_same_segments(two) -> None:  # type: ignore[no-untyped-def]

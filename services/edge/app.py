@@ -24,7 +24,7 @@ from jetstream.setup import apply_all
 from observability.metrics import ATTR_REASON, Metrics
 from schemas.device import REASON_HEADER
 from schemas.pipeline import ResultMessage, SessionRecord
-from services.edge import health, resume
+from services.edge import dashboard, health, probe, queue_view, resume
 from services.edge.admission import Admission, AdmissionConfig
 from services.edge.auth import Authenticator, AuthError, load_api_keys, mint_resume_token
 from services.edge.params import BadRequest, StreamParams, parse_stream_params
@@ -33,6 +33,7 @@ from services.edge.session import Session, SessionCounters
 from services.edge.settings import EdgeSettings
 from services.edge.store import ResumeRefused, SessionStore
 from services.edge.stream import StreamStart
+from services.metrics_http import metrics_handler
 from services.natsconn import connect
 
 log = logging.getLogger(__name__)
@@ -424,9 +425,14 @@ def create_app(settings: EdgeSettings) -> web.Application:
     app[metrics_key] = Metrics()
     app[auth_key], app[secret_key] = _auth_setup(settings)
     app.cleanup_ctx.append(_nats_ctx(settings))
+    app.cleanup_ctx.append(queue_view.context(nats_key, edge_id_key, admission_key))
     app.on_shutdown.append(_drain_sessions)
     app.router.add_get("/v1/stream", stream_handler)
     app.router.add_get("/v1/stats", stats_handler)
     app.router.add_routes(health.routes(admission_key, edge_id_key))
     app.router.add_get("/", index)
+    app.router.add_get("/metrics", metrics_handler)
+    app.router.add_routes(dashboard.routes(stats_key, admission_key, metrics_key, edge_id_key))
+    app.router.add_routes(probe.routes(auth_key, admission_key))
+    app.router.add_static("/static", STATIC)
     return app

@@ -22,8 +22,8 @@ class EdgeSettings(msgspec.Struct, frozen=True, kw_only=True):
     reorder_chunks: int = 8  # numbered chunks held to repair reordering
     # decoding context (services/edge/stream.py): committed text of earlier finals as
     # the prompt, and audio before a segment (from an earlier utterance's start)
-    prompt_chars: int = 200
-    context_ms: int = 0
+    prompt_chars: int = 0  # committed text before the context, as a prompt (measured: off)
+    context_ms: int = 8000  # earlier utterances' audio (and text) sent as left context
     prompt_wait_s: float = 3.0  # hold a segment this long for the results before it
     early_finals: bool = True  # decode at the pause, before the endpoint is confirmed
     interims: bool = True  # off here: off for every session; else per session (interim_results)

@@ -56,8 +56,8 @@ Output = ev.ServerEvent | Segment
 class StreamConfig:
     vad: VadConfig = field(default_factory=VadConfig)
     reorder_chunks: int = 8
-    prompt_chars: int = 200  # committed text sent as the prompt (0: none)
-    context_ms: int = 0  # audio before a final segment sent with it as left context
+    prompt_chars: int = 0  # committed text before the context, sent as the prompt (0: none)
+    context_ms: int = 8000  # audio of earlier utterances sent as left context (0: none)
     prompt_wait_s: float = 3.0  # hold a segment this long for earlier results
     early_finals: bool = True  # publish a candidate at the pause, before the endpoint
     interims: bool = True
@@ -182,7 +182,8 @@ class StreamCore:
         self._onset_ms: int | None = None
         self._audio: deque[bytes] = deque()  # recent timeline audio, for left context
         self._audio_bytes = 0
-        self._starts: deque[int] = deque(maxlen=16)  # recent utterance starts (segmenter ms)
+        # recent utterances: number -> start (segmenter ms); their committed text is in _texts
+        self._starts: dict[int, int] = {}
         self.interim_published = 0
         self.interims_dropped = 0
         self.latencies_s: list[float] = []  # endpoint -> Final, of finals not yet collected
@@ -242,24 +243,39 @@ class StreamCore:
             return
         self._audio.append(pcm)
         self._audio_bytes += len(pcm)
-        keep = self._bytes(self.config.context_ms + self.config.vad.max_utterance_ms + 1000)
+        wait_ms = int(self.config.prompt_wait_s * 1000)
+        keep = self._bytes(
+            self.config.context_ms + self.config.vad.max_utterance_ms + wait_ms + 1000
+        )
         while self._audio and self._audio_bytes - len(self._audio[0]) >= keep:
             self._audio_bytes -= len(self._audio.popleft())
 
-    def _context(self, start_ms: int) -> bytes:
-        """Audio before `start_ms` (segmenter time), from an earlier utterance's start."""
+    def _context(self, number: int, start_ms: int) -> tuple[bytes, str, int]:
+        """Left context for segment `number` starting at `start_ms` (segmenter time).
+
+        The audio from the start of the earliest of the utterances just before it
+        that began within `context_ms`, all of whose finals are in and said
+        something, with their text; else nothing. Returns (pcm, text, first number).
+        """
         if self.config.context_ms <= 0:
-            return b""
-        begin = min(
-            (s for s in self._starts if 0 < start_ms - s <= self.config.context_ms), default=None
-        )
-        if begin is None:
-            return b""
+            return b"", "", number
+        texts = dict(self._texts)
+        first = number
+        while (
+            first - 1 in self._starts
+            and texts.get(first - 1)
+            and 0 < start_ms - self._starts[first - 1] <= self.config.context_ms
+        ):
+            first -= 1
+        if first == number:
+            return b"", "", number
         have_from = self.fed_bytes - self._audio_bytes  # timeline byte where _audio begins
-        lo, hi = self._bytes(begin) - have_from, self._bytes(start_ms) - have_from
+        lo = self._bytes(self._starts[first]) - have_from
+        hi = self._bytes(start_ms) - have_from
         if lo < 0 or hi <= lo:
-            return b""
-        return b"".join(self._audio)[lo:hi]
+            return b"", "", number
+        text = " ".join(texts[n] for n in range(first, number))
+        return b"".join(self._audio)[lo:hi], text, first
 
     def _on_vad(self, event: Event, now: float, out: list[Output]) -> None:
         offset = self.offset_ms
@@ -275,7 +291,9 @@ class StreamCore:
         elif isinstance(event, Utterance):
             number = self.next_segment
             self.next_segment += 1
-            self._starts.append(event.start_ms)
+            self._starts[number] = event.start_ms
+            while len(self._starts) > 32:
+                del self._starts[min(self._starts)]
             if not event.cut:
                 out.append(ev.SpeechEnded(t_ms=offset + event.end_ms, segment=number))
             candidate = self._candidate
@@ -344,6 +362,7 @@ class StreamCore:
 
     def _make(self, number: int, revision: int, utt: Utterance, final: bool) -> Segment:
         offset = self.offset_ms
+        context_pcm, context_text, first = self._context(number, utt.start_ms)
         return Segment(
             session_id=self.session_id,
             edge_id=self.edge_id,
@@ -352,10 +371,11 @@ class StreamCore:
             end_ms=offset + utt.end_ms,
             sample_rate=self.params.sample_rate,
             pcm=utt.pcm,
-            context_pcm=self._context(utt.start_ms),
+            context_pcm=context_pcm,
+            context_text=context_text,
             voiced=[(offset + a, offset + b) for a, b in utt.voiced],
             language=self.params.language,
-            prompt=self.prompt_before(number),
+            prompt=self.prompt_before(first),
             tenant=self.tenant,
             final=final,
             revision=revision,
@@ -386,12 +406,14 @@ class StreamCore:
         return text[-chars:].lstrip()
 
     def _commit_text(self, number: int, text: str) -> None:
-        if not text or self.config.prompt_chars <= 0:
+        """A final's text, kept for the context and prompt of the segments after it."""
+        if not text:
             return
         self._texts.append((number, text))
         self._texts = deque(sorted(self._texts, key=lambda x: x[0]))
+        keep_chars = max(4 * self.config.prompt_chars, 2000)
         total = sum(len(t) + 1 for _, t in self._texts)
-        while total > 4 * self.config.prompt_chars and len(self._texts) > 1:
+        while len(self._texts) > 1 and (total > keep_chars or len(self._texts) > 64):
             total -= len(self._texts.popleft()[1]) + 1
 
     # --- results in -------------------------------------------------------------

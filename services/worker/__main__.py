@@ -1,4 +1,8 @@
-"""`python -m services.worker [--model tiny.en|base|PATH] [--concurrency N]`"""
+"""`python -m services.worker [--model tiny.en|base|PATH] [--concurrency N]`
+
+With `ESCAPEMENT_METRICS_PORT` set (0: any free port) it also serves
+`GET /metrics` for Prometheus on `ESCAPEMENT_METRICS_HOST` (default 127.0.0.1).
+"""
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ from nats.errors import Error as NatsError
 from jetstream.setup import IncompatibleDefinition, JetStreamUnavailable, apply_all
 from observability import telemetry
 from services.config import SettingsError, from_env
+from services.metrics_http import MetricsEndpoint, serve_metrics
 from services.natsconn import connect
 from services.worker.engines import WhisperEngine
 from services.worker.micro import register
@@ -32,7 +37,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-async def serve(settings: WorkerSettings) -> int:
+async def serve(settings: WorkerSettings, metrics: MetricsEndpoint | None = None) -> int:
+    async with serve_metrics(metrics or MetricsEndpoint()):
+        return await _serve(settings)
+
+
+async def _serve(settings: WorkerSettings) -> int:
     try:
         model_path = await asyncio.to_thread(resolve_model, settings.model)  # may join files
     except ModelNotFound as exc:
@@ -87,11 +97,12 @@ def main(argv: list[str] | None = None) -> int:
             concurrency=args.concurrency,
             cpu_threads=args.cpu_threads,
         )
+        metrics = from_env(MetricsEndpoint)
     except SettingsError as exc:
         print(f"escapement worker: {exc}", file=sys.stderr)
         return 2
     with telemetry("escapement-worker", settings.log_level):
-        return asyncio.run(serve(settings))
+        return asyncio.run(serve(settings, metrics))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ Each engine raises `EngineError` subclasses that decide the ack: a
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import time
@@ -17,6 +18,7 @@ import numpy as np
 
 from schemas.pipeline import Result, Segment, Word
 from services.audio import wav_bytes
+from services.worker.decoding import DecodePolicy, DecodeRequest, decode
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +69,7 @@ def result_of(segment: Segment, transcription: Transcription, engine: str) -> Re
 class Engine(Protocol):
     name: str
 
-    def transcribe(
-        self, pcm: bytes, sample_rate: int, language: str, prompt: str, offset_ms: int
-    ) -> Transcription: ...
+    def transcribe(self, segment: Segment) -> Transcription: ...
 
 
 def pcm_to_float(pcm: bytes, sample_rate: int) -> np.ndarray:
@@ -92,13 +92,16 @@ class WhisperEngine:
         device: str = "cpu",
         compute_type: str = "int8",
         cpu_threads: int = 0,
-        beam_size: int = 1,
+        beam_size: int = 5,
         name: str | None = None,
+        policy: DecodePolicy | None = None,
     ) -> None:
         from faster_whisper import WhisperModel
 
         self.name = name or f"faster-whisper:{model_path.name}"
-        self.beam_size = beam_size
+        self.policy = policy or DecodePolicy(beam_size=beam_size)
+        # an interim look is timed by the final that replaces it: no word alignment
+        self.look_policy = dataclasses.replace(self.policy, word_timestamps=False)
         started = time.perf_counter()
         self.model = WhisperModel(
             str(model_path),
@@ -110,36 +113,43 @@ class WhisperEngine:
         self.multilingual = self.model.model.is_multilingual
         log.info("loaded %s in %.2fs", model_path, time.perf_counter() - started)
 
-    def transcribe(
-        self, pcm: bytes, sample_rate: int, language: str, prompt: str, offset_ms: int
-    ) -> Transcription:
+    def transcribe(self, segment: Segment) -> Transcription:
+        """Decode one segment (services/worker/decoding.py) with its context; words on the
+        session timeline, only those inside the segment."""
         started = time.perf_counter()
-        audio = pcm_to_float(pcm, sample_rate)
+        language = segment.language
         if not self.multilingual and language not in ("en", ""):
             raise PoisonSegment(f"model {self.name} speaks English only, not {language!r}")
-        segments, info = self.model.transcribe(
-            audio,
-            language=language or None,
-            beam_size=self.beam_size,
-            word_timestamps=True,
-            condition_on_previous_text=False,
-            initial_prompt=prompt or None,
-            vad_filter=False,
+        rate = segment.sample_rate
+        context = pcm_to_float(segment.context_pcm, rate) if segment.context_pcm else None
+        audio = pcm_to_float(segment.pcm, rate)
+        if context is not None:
+            audio = np.concatenate([context, audio])
+        context_s = 0.0 if context is None else len(context) / WHISPER_RATE
+        origin_ms = segment.start_ms - round(context_s * 1000)  # session time of audio[0]
+        if not language:
+            language = self.model.detect_language(audio)[0] if self.multilingual else "en"
+        request = DecodeRequest(
+            audio=audio,
+            segment_start_s=context_s,
+            prompt=segment.prompt,
+            context_text=segment.context_text if context is not None else "",
+            voiced=tuple(
+                ((a - origin_ms) / 1000, (b - origin_ms) / 1000) for a, b in segment.voiced
+            ),
+            final=segment.final,
+            language=language,
         )
-        end_ms = offset_ms + int(len(audio) * 1000 / WHISPER_RATE)
-        texts: list[str] = []
+        decoded = decode(self.model, request, self.policy if segment.final else self.look_policy)
+        lo, hi = segment.start_ms, segment.end_ms
         words: list[Word] = []
-        for seg in segments:  # lazy generator: consumed here, on the executor
-            texts.append(seg.text.strip())
-            for w in seg.words or []:
-                start = min(max(offset_ms + round(w.start * 1000), offset_ms), end_ms)
-                stop = min(max(offset_ms + round(w.end * 1000), start), end_ms)
-                words.append(
-                    Word(w.word.strip(), int(start), int(stop), round(float(w.probability), 3))
-                )
+        for w in decoded.words:
+            start = min(max(origin_ms + round(w.start_s * 1000), lo), hi)
+            stop = min(max(origin_ms + round(w.end_s * 1000), start), hi)
+            words.append(Word(w.word.strip(), int(start), int(stop), round(w.probability, 3)))
         return Transcription(
-            text=" ".join(t for t in texts if t),
+            text=decoded.text,
             words=words,
-            language=str(info.language),
+            language=language,
             inference_ms=(time.perf_counter() - started) * 1000,
         )

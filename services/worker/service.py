@@ -306,9 +306,7 @@ class Worker:
     def _engine_call(self, segment: Segment) -> Transcription:
         """The blocking model call (on the executor)."""
         assert self.engine is not None
-        return self.engine.transcribe(
-            segment.pcm, segment.sample_rate, segment.language, segment.prompt, segment.start_ms
-        )
+        return self.engine.transcribe(segment)
 
     async def _transcribe(self, delivery: Delivery, segment: Segment) -> None:
         every = self.settings.in_progress_every_s

@@ -9,7 +9,7 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True):
     device: str = "cpu"
     compute_type: str = "int8"
     cpu_threads: int = 0  # 0: let CTranslate2 decide
-    beam_size: int = 5
+    beam_size: int = 5  # greedy decoding garbles words beam search gets right ("brown fox")
     concurrency: int = 1  # segments transcribed at once (executor threads)
     fetch_timeout_s: float = 2.0
     in_progress_every_s: float = 3.0  # well under the consumer's ack_wait (10 s)
