@@ -168,12 +168,18 @@ async def _edge_view(url: str) -> tuple[dict[str, Any] | None, str]:
 
 
 async def collect(nats_url: str, edge_url: str, window_s: float) -> Status:
+    async def quiet(exc: Exception) -> None:  # the failure is reported once, below
+        pass
+
     try:
         nc = await nats.connect(
             servers=nats_servers(nats_url),
             name="escapement-status",
             allow_reconnect=False,
+            max_reconnect_attempts=1,
+            reconnect_time_wait=0.1,
             connect_timeout=3,
+            error_cb=quiet,
         )
     except (NatsError, OSError, TimeoutError) as exc:
         raise Unreachable(f"cannot reach NATS at {redact(nats_url)}: {exc}") from None

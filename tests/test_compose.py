@@ -87,7 +87,9 @@ def test_every_service_has_an_image_or_our_build(services):
         if "build" in service:
             build = service["build"]
             context = REPO / (build if isinstance(build, str) else build.get("context", "."))
-            dockerfile = "Dockerfile" if isinstance(build, str) else build.get("dockerfile", "Dockerfile")
+            dockerfile = (
+                "Dockerfile" if isinstance(build, str) else build.get("dockerfile", "Dockerfile")
+            )
             assert (context / dockerfile).is_file(), f"{name}: no {dockerfile} in {context}"
         else:
             image = service["image"]

@@ -314,7 +314,9 @@ class Session:
     async def _pace(self, n_bytes: int) -> None:
         """Hold a device that sends faster than real time (beyond a burst) to the rate limit.
 
-        Not reading the socket lets TCP push back on the sender; nothing is dropped.
+        Counted on the repaired timeline (silence filled in for lost chunks included),
+        so a chunk claiming a long gap costs its claim, not its size. Not reading the
+        socket lets TCP push back on the sender; nothing is dropped.
         """
         self._audio_s += n_bytes / 2 / self.params.sample_rate
         limit = self.settings.max_audio_rate
@@ -329,7 +331,11 @@ class Session:
     async def _on_audio(self, data: bytes) -> None:
         self.counters.frames_in += 1
         self.counters.bytes_in += len(data)
-        await self._pace(len(data))
+        fed = self.core.fed_bytes
+        self._feed(data)
+        await self._pace(self.core.fed_bytes - fed)
+
+    def _feed(self, data: bytes) -> None:
         now = time.monotonic()
         if self.core.timeline is None:
             if len(data) % 2:

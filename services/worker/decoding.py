@@ -49,6 +49,10 @@ class DecodePolicy:
     # avg_logprob or repetitive). Deterministic, unlike sampling at
     # temperature > 0, and paid only by the few segments that need it.
     retry_beam_size: int = 0
+    # When to retry: average token log-probability below this, or (after
+    # alignment) any new word's probability below `retry_word_probability`.
+    retry_logprob: float = -1.0
+    retry_word_probability: float = 0.0
     temperature: float = 0.0
     # Characters of prompt used at most (from the end of `request.prompt`);
     # 0 ignores the prompt. Off by default: with tiny.en it helped a little
@@ -170,7 +174,7 @@ def silero_spans(audio: np.ndarray) -> list[tuple[float, float]]:
     ]
 
 
-def _generate(model, encoder_output, prompt, tokenizer, policy, beam, max_length):
+def _generate(model, encoder_output, prompt, tokenizer, policy, beam, max_length, initial=50):
     from faster_whisper.transcribe import get_suppressed_tokens
 
     kwargs = {"beam_size": beam}
@@ -184,7 +188,7 @@ def _generate(model, encoder_output, prompt, tokenizer, policy, beam, max_length
         return_no_speech_prob=True,
         suppress_blank=True,
         suppress_tokens=get_suppressed_tokens(tokenizer, [-1]),
-        max_initial_timestamp_index=50,
+        max_initial_timestamp_index=initial,
         **kwargs,
     )[0]
 
@@ -209,7 +213,9 @@ def decode(model, request: DecodeRequest, policy: DecodePolicy | None = None) ->
     features = model.feature_extractor(audio)
     num_frames = features.shape[-1] - 1
     encoder_output = model.encode(pad_or_trim(features))
-    prompt, prefix_tokens = _prompt_tokens(model, tokenizer, request.prompt, context_text, policy)
+    prompt, prefix_tokens, forced = _prompt_tokens(
+        model, tokenizer, request.prompt, context_text, seg_start, policy
+    )
     # Re-decoded context needs its own tokens; forced context text does not.
     budget = int(
         policy.min_max_tokens + policy.max_tokens_per_s * (seg_dur if prefix_tokens else duration)
@@ -217,23 +223,40 @@ def decode(model, request: DecodeRequest, policy: DecodePolicy | None = None) ->
     max_length = min(model.max_length, len(prompt) + budget)
 
     def run(beam: int):  # type: ignore[no-untyped-def]
-        result = _generate(model, encoder_output, prompt, tokenizer, policy, beam, max_length)
+        # the first timestamp after a timed context is the segment start, past 1 s
+        initial = 1500 if forced and not policy.without_timestamps else 50
+        result = _generate(
+            model, encoder_output, prompt, tokenizer, policy, beam, max_length, initial
+        )
         seq = list(result.sequences_ids[0])
-        if prefix_tokens and seq[: len(prefix_tokens)] == prefix_tokens:
-            seq = seq[len(prefix_tokens) :]  # CTranslate2 returns the forced prefix too
+        if forced and seq[: len(forced)] == forced:
+            seq = seq[len(forced) :]  # CTranslate2 returns the forced prefix too
         tokens = [t for t in seq if t < tokenizer.eot]
         avg_lp = result.scores[0] * len(seq) / (len(seq) + 1)
         return result, tokens, float(avg_lp), tokenizer.decode(tokens).strip()
 
+    def align(tokens: list[int]) -> list[DecodedWord]:
+        if not tokens or not policy.word_timestamps:
+            return []
+        aligned = model.find_alignment(
+            tokenizer, [prefix_tokens + tokens], encoder_output, num_frames
+        )
+        return _new_words(
+            aligned[0] if aligned else [], len(prefix_tokens), seg_start, voiced, policy
+        )
+
     beam = policy.beam_size
     result, tokens, avg_lp, text = run(beam)
+    words = align(tokens) if policy.retry_word_probability > 0 else None
     if policy.retry_beam_size > beam and (
         compression_ratio(text) > policy.compression_ratio_threshold
-        or avg_lp < policy.logprob_threshold
+        or avg_lp < policy.retry_logprob
         or len(tokens) >= budget
+        or any(w.probability < policy.retry_word_probability for w in words or ())
     ):
         beam = policy.retry_beam_size
         result, tokens, avg_lp, text = run(beam)
+        words = None
     nsp = float(result.no_speech_prob)
     cr = compression_ratio(text)
     stats = dict(
@@ -253,8 +276,8 @@ def decode(model, request: DecodeRequest, policy: DecodePolicy | None = None) ->
         words = [DecodedWord(w, seg_start, duration, 1.0) for w in _split_words(tokenizer, tokens)]
         return Decoded(words=words, text=text, **stats)  # type: ignore[arg-type]
 
-    aligned = model.find_alignment(tokenizer, [prefix_tokens + tokens], encoder_output, num_frames)
-    words = _new_words(aligned[0] if aligned else [], len(prefix_tokens), seg_start, voiced, policy)
+    if words is None:
+        words = align(tokens)
     words, dropped = _gate(words, audio, voiced, policy)
     text = "".join(w.word for w in words).strip()
     return Decoded(words=words, text=text, dropped=dropped, **stats)  # type: ignore[arg-type]
@@ -281,8 +304,13 @@ def _fit_window(request: DecodeRequest, policy: DecodePolicy):  # type: ignore[n
     return audio, seg_start, voiced, context_text
 
 
-def _prompt_tokens(model, tokenizer, prompt_text: str, context_text: str, policy: DecodePolicy):  # type: ignore[no-untyped-def]
-    """Decoder prompt: [prev + committed text] sot-sequence [notimestamps] [context text]."""
+def _prompt_tokens(
+    model, tokenizer, prompt_text: str, context_text: str, seg_start: float, policy: DecodePolicy
+):  # type: ignore[no-untyped-def]
+    """Decoder prompt, and the context's text tokens and all forced tokens after the
+    sot sequence. Without timestamps: [prev + committed text] sot-sequence notimestamps
+    [context text]. With them the context is one timed segment that ends where the new
+    segment starts: sot-sequence <|0.00|> context text <|segment start|>."""
     prompt: list[int] = []
     if policy.prompt_chars > 0 and prompt_text.strip():
         text = prompt_text.strip()[-policy.prompt_chars :]
@@ -293,12 +321,15 @@ def _prompt_tokens(model, tokenizer, prompt_text: str, context_text: str, policy
     if policy.without_timestamps:
         prompt.append(tokenizer.no_timestamps)
     prefix_tokens: list[int] = []
+    forced: list[int] = []
     if context_text:
         prefix_tokens = tokenizer.encode(" " + context_text)[: model.max_length // 2 - 1]
+        forced = list(prefix_tokens)
         if not policy.without_timestamps:
-            prompt.append(tokenizer.timestamp_begin)
-        prompt += prefix_tokens
-    return prompt, prefix_tokens
+            end = min(int(round(seg_start / 0.02)), 1500)
+            forced = [tokenizer.timestamp_begin, *forced, tokenizer.timestamp_begin + end]
+        prompt += forced
+    return prompt, prefix_tokens, forced
 
 
 def _new_words(

@@ -129,8 +129,9 @@
         if (resumed) {
           say("ok", "Reconnected.", " The session goes on where it stopped" +
             (sess.lostFrames ? "; " + (sess.lostFrames / 10).toFixed(1) + " s of audio from the outage could not be kept." : "."));
-        } else if (sess.kind === "file") {
-          say("", "");
+        } else {
+          if (sess.kind === "file") say("", "");
+          else systemLine("— microphone session, " + new Date().toLocaleTimeString() + " —");
         }
         if (sess.kind === "mic") { setStatus("Listening. Session " + sess.id + "."); setSpeaking(false); }
         const backlog = sess.offline.splice(0);
@@ -284,9 +285,9 @@
     } else if (why.admitted) {
       say("error", "The connection failed.", " The server admits sessions now; press Start to try again.");
     } else {
-      const help = REFUSAL_HELP[why.reason] || "";
-      say("error", "The server refused the session: " + why.reason + ".",
-        " " + (why.message ? why.message + ". " : "") + help + (why.retryAfter ? " (Retry after " + why.retryAfter + " s.)" : ""));
+      const help = REFUSAL_HELP[why.reason] || (why.message ? why.message + "." : "");
+      const later = why.status === 503 || why.status === 429 ? " (The server suggests retrying after " + why.retryAfter + " s.)" : "";
+      say("error", "The server refused the session: " + why.reason + ".", " " + help + later);
     }
     finish(sess, null);
   }
@@ -372,7 +373,6 @@
     }
     if (s !== sess) return;
     setStatus("Connecting…");
-    systemLine("— microphone session, " + new Date().toLocaleTimeString() + " —");
     connect(sess);
   }
 
