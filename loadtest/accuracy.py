@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -42,6 +44,7 @@ from typing import Any
 
 import aiohttp
 import msgspec
+import psutil
 
 from loadtest import realspeech as rs
 from loadtest.corpus import CorpusError, Item
@@ -195,6 +198,7 @@ async def stream_item(
                 http, opts.url, item.pcm, item.sample_rate, language=opts.language,
                 realtime=True, chunk_ms=opts.chunk_ms, token=opts.token, on_event=on_event,
                 close_timeout=opts.session_timeout_s, run=out.run,
+                interim_results=opts.interim_results,
             )  # fmt: skip
         out.outcome = COMPLETED if out.run.close_code == 1000 else FAILED
         if out.outcome == FAILED:
@@ -542,6 +546,12 @@ def format_report(report: dict[str, Any]) -> str:
         f"  Interims per Final: {'-' if ipf is None else ipf} "
         f"({report['interims']} interims, {report['finals']} finals)"
     )
+    if report.get("cpu_per_audio_s") is not None:
+        lines.append(
+            f"  Pipeline CPU: {report['pipeline_cpu_s']:.0f} s, "
+            f"{report['cpu_per_audio_s']:.3f} CPU-s per audio-s "
+            f"(interims {'on' if report['interim_results'] else 'off'})"
+        )
     if report["determinism"]:
         d = report["determinism"]
         verdict = (
@@ -598,6 +608,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="build and stream the corpus at this rate (default 16000; 8000 as a phone line)",
     )  # fmt: skip
     p.add_argument("--cache-dir", help="where sources and built files are kept")
+    p.add_argument("--sessions", type=int, help="real-speech sessions to build (default 6)")
+    p.add_argument(
+        "--no-interims", action="store_true", help="stream with interim_results=false"
+    )
+    p.add_argument(
+        "--no-offline", action="store_true", help="skip the offline decode (latency runs)"
+    )
     p.add_argument("--json", dest="json_out", help="also write the report as JSON here")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     args = p.parse_args(argv)
@@ -617,6 +634,8 @@ def _say(args: argparse.Namespace, text: str) -> None:
 
 async def run(args: argparse.Namespace) -> int:
     sizes = SMALL if args.small else FULL
+    if args.sessions:
+        sizes = dataclasses.replace(sizes, sessions=args.sessions)
     cache = Path(args.cache_dir) if args.cache_dir else None
     try:
         _say(args, "building the corpus ...")
@@ -631,12 +650,19 @@ async def run(args: argparse.Namespace) -> int:
 
     offline: list[str] = []
     try:
-        model = await asyncio.to_thread(load_model, args.model, args.offline_compute_type)
+        model = (
+            None
+            if args.no_offline
+            else await asyncio.to_thread(load_model, args.model, args.offline_compute_type)
+        )
     except Exception as exc:  # ModelNotFound, or ctranslate2 refusing the compute type
         print(f"loadtest.accuracy: cannot load model {args.model}: {exc}", file=sys.stderr)
         return 2
     t0 = time.monotonic()
     for i, entry in enumerate(entries):
+        if args.no_offline:
+            offline.append("")
+            continue
         _say(args, f"offline decode {i + 1}/{len(entries)}: {entry.item.name}")
         offline.append(await asyncio.to_thread(decode_offline, model, entry.item))
     offline_s = time.monotonic() - t0
@@ -657,7 +683,8 @@ async def run(args: argparse.Namespace) -> int:
             if why is not None:
                 print(f"loadtest.accuracy: {url} is not ready: {why}", file=sys.stderr)
                 return 3
-            opts = SessionOptions(url=url, token=token)
+            opts = SessionOptions(url=url, token=token, interim_results=not args.no_interims)
+            cpu0 = pipeline_cpu_s(spawned)
             clock0 = time.monotonic()
             ticker = asyncio.create_task(live.run(clock0, []))
             try:
@@ -670,6 +697,7 @@ async def run(args: argparse.Namespace) -> int:
                 ticker.cancel()
                 await asyncio.gather(ticker, return_exceptions=True)
             stream_s = time.monotonic() - clock0
+            cpu_s = pipeline_cpu_s(spawned) - cpu0
     except SpawnError as exc:
         print(f"loadtest.accuracy: {exc}", file=sys.stderr)
         return 3
@@ -699,6 +727,10 @@ async def run(args: argparse.Namespace) -> int:
         "audio_s": round(audio_s, 1),
         "offline_decode_s": round(offline_s, 1),
         "streaming_s": round(stream_s, 1),
+        "interim_results": not args.no_interims,
+        # the whole pipeline's CPU (edge, workers, nats-server) per second of audio streamed
+        "pipeline_cpu_s": round(cpu_s, 1) if spawned else None,
+        "cpu_per_audio_s": round(cpu_s / (audio_s * args.repeat), 3) if spawned else None,
     }
     report = build_report(entries, runs, offline, meta)
     print(format_report(report))
@@ -708,6 +740,22 @@ async def run(args: argparse.Namespace) -> int:
         text = json.dumps(report, indent=1) + "\n"
         await asyncio.to_thread(Path(args.json_out).write_text, text)
     return 1 if report["incomplete"] or report["no_finals"] else 0
+
+
+def pipeline_cpu_s(spawned: SpawnedUp | None) -> float:
+    """CPU seconds used so far by a spawned `escapement up` and all its children."""
+    if spawned is None:
+        return 0.0
+    try:
+        root = psutil.Process(spawned.pid)
+        total = 0.0
+        for proc in [root, *root.children(recursive=True)]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                times = proc.cpu_times()
+                total += times.user + times.system
+        return total
+    except psutil.NoSuchProcess:
+        return 0.0
 
 
 def main(argv: list[str] | None = None) -> int:

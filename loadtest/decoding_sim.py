@@ -76,6 +76,18 @@ VARIANTS: dict[str, Variant] = {
     "C15": Variant(P(), context_ms=15000, note="GP, context <= 15 s"),
     "E700": Variant(P(), endpoint_ms=700, note="GP, endpoint 700 ms"),
     "SIL": Variant(P(silero=True), note="GP + Silero second opinion"),
+    "C20": Variant(P(), context_ms=20000, note="GP, context <= 20 s"),
+    "C15B5": Variant(P(beam_size=5), context_ms=15000, note="C15 + beam 5"),
+    "TS15": Variant(P(without_timestamps=False), context_ms=15000, note="C15 + timestamp tokens"),
+    "RW": Variant(
+        P(retry_beam_size=5, retry_word_probability=0.5),
+        note="GP + beam-5 retry when a word has p < 0.5",
+    ),
+    "RW15": Variant(
+        P(retry_beam_size=5, retry_word_probability=0.5),
+        context_ms=15000,
+        note="C15 + beam-5 retry when a word has p < 0.5",
+    ),
     "PR": Variant(P(prompt_chars=200), prompt_chars=200, note="GP + prompt of earlier finals"),
 }
 

@@ -158,7 +158,7 @@ class Recent:
     def summary(self, quantiles: Sequence[float] = (0.5, 0.9, 0.99)) -> dict[str, float | None]:
         """`{"count": n, "p50": ..., "p90": ..., "p99": ...}` over the window (None: no data)."""
         values = sorted(self.values())
-        out: dict[str, float | None] = {"count": float(len(values))}
+        out: dict[str, float | None] = {"count": len(values)}
         for q in quantiles:
             key = f"p{q * 100:g}"
             out[key] = values[min(len(values) - 1, int(q * len(values)))] if values else None

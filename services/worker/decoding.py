@@ -220,7 +220,11 @@ def decode(model, request: DecodeRequest, policy: DecodePolicy | None = None) ->
     budget = int(
         policy.min_max_tokens + policy.max_tokens_per_s * (seg_dur if prefix_tokens else duration)
     )
-    max_length = min(model.max_length, len(prompt) + budget)
+    # CTranslate2 returns at most max_length // 2 tokens after the sot sequence, the
+    # forced context included (faster-whisper's 448 is Whisper's 224-token sample
+    # length): ask for twice what the forced tokens plus the new words' budget need.
+    # Asking for len(prompt) + budget cut the new words short after a long context.
+    max_length = min(model.max_length, 2 * (len(forced) + budget))
 
     def run(beam: int):  # type: ignore[no-untyped-def]
         # the first timestamp after a timed context is the segment start, past 1 s

@@ -100,8 +100,8 @@ class WhisperEngine:
 
         self.name = name or f"faster-whisper:{model_path.name}"
         self.policy = policy or DecodePolicy(beam_size=beam_size)
-        # an interim look is timed by the final that replaces it: no word alignment
-        self.look_policy = dataclasses.replace(self.policy, word_timestamps=False)
+        # an interim look is replaced by its final: greedy, and no word alignment
+        self.look_policy = dataclasses.replace(self.policy, beam_size=1, word_timestamps=False)
         started = time.perf_counter()
         self.model = WhisperModel(
             str(model_path),
