@@ -63,7 +63,7 @@ from loadtest.runner import wait_ready
 from loadtest.target import SpawnedUp, SpawnError
 from loadtest.workload import http_session
 from schemas import device as ev
-from services.client import Received, Refused, StreamRun, stream_audio
+from services.cli.client import Received, Refused, StreamRun, stream_audio
 
 GROUPS = ("real", "jfk", "espeak-noise", "probe", "snr")
 # A Final ending this close before its last span's end still closes that utterance (the
@@ -169,7 +169,7 @@ class Streamed:
 async def stream_item(
     http: aiohttp.ClientSession, item: Item, opts: SessionOptions, live: Live | None = None
 ) -> Streamed:
-    """Stream `item` in real time as one device session (`services.client.stream_audio`)."""
+    """Stream `item` in real time as one device session (`services.cli.client.stream_audio`)."""
     out = Streamed()
     seen: set[int] = set()
 
@@ -609,9 +609,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )  # fmt: skip
     p.add_argument("--cache-dir", help="where sources and built files are kept")
     p.add_argument("--sessions", type=int, help="real-speech sessions to build (default 6)")
-    p.add_argument(
-        "--no-interims", action="store_true", help="stream with interim_results=false"
-    )
+    p.add_argument("--no-interims", action="store_true", help="stream with interim_results=false")
     p.add_argument(
         "--no-offline", action="store_true", help="skip the offline decode (latency runs)"
     )

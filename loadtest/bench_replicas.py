@@ -22,7 +22,7 @@ import nats
 from jetstream import subjects
 from jetstream.setup import apply_all
 from schemas.pipeline import Segment, encode_segment
-from services.natsserver import NatsCluster, NatsServer
+from services.runtime.natsserver import NatsCluster, NatsServer
 
 
 async def publish_run(

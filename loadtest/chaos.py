@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 import psutil
 
 from loadtest.monitor import Targets, _alive
-from services.procs import Child, spawn
+from services.runtime.procs import Child, spawn
 
 BUSY_CPU = 20.0  # % of a core: a worker this busy is probably mid-job
 

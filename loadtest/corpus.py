@@ -15,7 +15,7 @@ from pathlib import Path
 import platformdirs
 
 from loadtest.speech import SENTENCES, make_speech, read_wav
-from services.audio import SUPPORTED_RATES
+from services.common.audio import SUPPORTED_RATES
 
 
 class CorpusError(ValueError):

@@ -47,6 +47,7 @@ from services.edge.vad import Segmenter, Utterance, VadConfig
 from services.worker.decoding import DecodePolicy, DecodeRequest, decode
 
 SR = 16000
+WINDOW_MS = 30000  # context + segment fit one Whisper window
 
 
 @dataclass(frozen=True)
@@ -63,22 +64,44 @@ class Variant:
 
 
 P = DecodePolicy
+
+
+def P0(**knobs: object) -> DecodePolicy:
+    """A policy without the beam-5 retry (the default before it was measured)."""
+    return DecodePolicy(**{"retry_beam_size": 0, **knobs})  # type: ignore[arg-type]
+
+
 VARIANTS: dict[str, Variant] = {
-    "A": Variant(P(), context_ms=0, note="independent cuts"),
-    "A5": Variant(P(beam_size=5), context_ms=0, note="independent cuts, beam 5"),
-    "D": Variant(P(), prefix=False, note="context re-decoded, no prefix"),
-    "GP": Variant(P(), note="context <= 8 s forced as prefix (current default)"),
-    "GPF": Variant(P(), compute_type="float32", note="GP, float32 model"),
-    "B5": Variant(P(beam_size=5), note="GP + beam 5"),
-    "R5": Variant(P(retry_beam_size=5), note="GP + beam-5 retry on low confidence"),
-    "TS": Variant(P(without_timestamps=False), note="GP + timestamp tokens"),
-    "C4": Variant(P(), context_ms=4000, note="GP, context <= 4 s"),
-    "C15": Variant(P(), context_ms=15000, note="GP, context <= 15 s"),
-    "E700": Variant(P(), endpoint_ms=700, note="GP, endpoint 700 ms"),
-    "SIL": Variant(P(silero=True), note="GP + Silero second opinion"),
-    "C20": Variant(P(), context_ms=20000, note="GP, context <= 20 s"),
-    "C15B5": Variant(P(beam_size=5), context_ms=15000, note="C15 + beam 5"),
-    "TS15": Variant(P(without_timestamps=False), context_ms=15000, note="C15 + timestamp tokens"),
+    "A": Variant(P0(), context_ms=0, note="independent cuts"),
+    "A5": Variant(P0(beam_size=5), context_ms=0, note="independent cuts, beam 5"),
+    "D": Variant(P0(), prefix=False, note="context re-decoded, no prefix"),
+    "GP": Variant(P0(), note="context <= 8 s forced as prefix (current default)"),
+    "GPF": Variant(P0(), compute_type="float32", note="GP, float32 model"),
+    "B5": Variant(P0(beam_size=5), note="GP + beam 5"),
+    "R5": Variant(
+        P(retry_beam_size=5, retry_word_probability=0.0), note="GP + beam-5 retry on low confidence"
+    ),
+    "TS": Variant(P0(without_timestamps=False), note="GP + timestamp tokens"),
+    "C4": Variant(P0(), context_ms=4000, note="GP, context <= 4 s"),
+    "C15": Variant(P0(), context_ms=15000, note="GP, context <= 15 s"),
+    "E700": Variant(P0(), endpoint_ms=700, note="GP, endpoint 700 ms"),
+    "SIL": Variant(P0(silero=True), note="GP + Silero second opinion"),
+    "C20": Variant(P0(), context_ms=20000, note="GP, context <= 20 s"),
+    "C25": Variant(P0(), context_ms=25000, note="GP, context <= 25 s"),
+    "C30": Variant(P0(), context_ms=30000, note="GP, context fills the 30 s window"),
+    "C20B5": Variant(P0(beam_size=5), context_ms=20000, note="C20 + beam 5"),
+    "C20RW": Variant(
+        P(retry_beam_size=5, retry_word_probability=0.5),
+        context_ms=20000,
+        note="C20 + beam-5 retry when a word has p < 0.5",
+    ),
+    "C25RW": Variant(
+        P(retry_beam_size=5, retry_word_probability=0.5),
+        context_ms=25000,
+        note="C25 + beam-5 retry when a word has p < 0.5",
+    ),
+    "C15B5": Variant(P0(beam_size=5), context_ms=15000, note="C15 + beam 5"),
+    "TS15": Variant(P0(without_timestamps=False), context_ms=15000, note="C15 + timestamp tokens"),
     "RW": Variant(
         P(retry_beam_size=5, retry_word_probability=0.5),
         note="GP + beam-5 retry when a word has p < 0.5",
@@ -88,7 +111,7 @@ VARIANTS: dict[str, Variant] = {
         context_ms=15000,
         note="C15 + beam-5 retry when a word has p < 0.5",
     ),
-    "PR": Variant(P(prompt_chars=200), prompt_chars=200, note="GP + prompt of earlier finals"),
+    "PR": Variant(P0(prompt_chars=200), prompt_chars=200, note="GP + prompt of earlier finals"),
 }
 
 
@@ -138,13 +161,15 @@ def segment(audio: np.ndarray, endpoint_ms: int) -> list[Utterance]:
 
 def context_first(utts: list[Utterance], texts: list[str], i: int, context_ms: int) -> int:
     """First utterance of the left context of `i`, as the edge picks it (services/edge/stream.py
-    `_context`): the run just before `i` that began within `context_ms`, all with text."""
+    `_context`): the run just before `i` that began within `context_ms`, all with text,
+    and context plus segment within Whisper's 30 s window."""
     first = i
     while (
         context_ms > 0
         and first > 0
         and texts[first - 1]
         and 0 < utts[i].start_ms - utts[first - 1].start_ms <= context_ms
+        and utts[i].end_ms - utts[first - 1].start_ms <= WINDOW_MS
     ):
         first -= 1
     return first
@@ -363,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
         "variant | WER | S/D/I | -off f32 | -off i8 | espeak | probe | ins/100 10dB | 5dB "
         "| CPU s/s | p50 ms | p95 ms | segs"
     )
-    for name in args.variants.split(","):
+    for name in filter(None, args.variants.split(",")):
         v = VARIANTS[name]
         res = evaluate(model_for(v.compute_type), files, v, args.show)
         sp: rs.Counts = res["real"]

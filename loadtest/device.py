@@ -1,6 +1,6 @@
 """One simulated device session, and what it measured.
 
-A session streams one corpus item through `services.client.stream_audio`
+A session streams one corpus item through `services.cli.client.stream_audio`
 (100 ms chunks paced on the monotonic clock), then reads the events back:
 
 - speech end -> Final: from the moment the audio up to the end of the
@@ -31,7 +31,7 @@ import msgspec
 
 from loadtest.corpus import Item, word_errors
 from schemas import device as ev
-from services.client import Received, Refused, StreamRun, stream_audio
+from services.cli.client import Received, Refused, StreamRun, stream_audio
 
 # Session outcomes. Every admitted session ends as exactly one of the first three.
 COMPLETED, FAILED, TIMED_OUT = "completed", "failed", "timed_out"

@@ -29,8 +29,8 @@ import psutil
 
 from loadtest.speech import SENTENCES, make_speech
 from schemas import device as ev
-from services.natsserver import NatsServer
-from services.procs import spawn
+from services.runtime.natsserver import NatsServer
+from services.runtime.procs import spawn
 
 _LISTENING = re.compile(r"edge listening on (\S+)")
 

@@ -20,7 +20,7 @@ from loadtest.device import (
 from loadtest.metrics import Histograms
 from loadtest.workload import Sink, http_session, record_histograms, watch_loop_lag
 from schemas import device as ev
-from services.client import Refused, open_stream
+from services.cli.client import Refused, open_stream
 
 
 async def connect_once(

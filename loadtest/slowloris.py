@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from loadtest.metrics import percentile
-from services.client import Refused, open_stream
+from services.cli.client import Refused, open_stream
 
 
 @dataclass

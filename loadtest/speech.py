@@ -13,7 +13,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.audio import read_wav, wav_bytes, write_wav  # noqa: F401  (re-exported)
+from services.common.audio import read_wav, wav_bytes, write_wav  # noqa: F401  (re-exported)
 
 SENTENCES = [
     "the quick brown fox jumps over the lazy dog",

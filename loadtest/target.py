@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from services.procs import Child, ChildExited, StillRunning, spawn
+from services.runtime.procs import Child, ChildExited, StillRunning, spawn
 
 _UP = re.compile(r"Escapement is up: (\S+)\s+\(NATS (\S+)\)")
 _WORKERS_READY = re.compile(r"(\d+) worker\(s\) ready|no workers:")

@@ -40,7 +40,7 @@ from loadtest.latency import measure
 from loadtest.runner import wait_ready
 from loadtest.target import SpawnedUp, SpawnError
 from loadtest.workload import http_session
-from services.procs import free_port
+from services.runtime.procs import free_port
 
 MODES = ("off", "on")
 

@@ -20,8 +20,8 @@ from nats.aio.client import Client as NATS
 
 from jetstream.setup import apply_all
 from loadtest.speech import Speech, make_speech
-from services.embedded import WorkerProcess
-from services.natsserver import NatsServer
+from services.runtime.natsserver import NatsServer
+from services.runtime.up import WorkerProcess
 from services.worker.engines import WhisperEngine
 from services.worker.models import resolve_model
 from services.worker.service import Worker

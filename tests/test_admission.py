@@ -13,7 +13,7 @@ from nats.aio.client import Client as NATS
 from jetstream import subjects
 from schemas import device as ev
 from schemas.pipeline import Segment, encode_segment
-from services.client import Refused, stream_audio
+from services.cli.client import Refused, stream_audio
 from services.edge.app import admission_key
 from services.edge.auth import hash_key, mint_resume_token, mint_token
 from tests.support import RunningEdge, active_sessions, run_edge, run_worker, until

@@ -8,7 +8,7 @@ import aiohttp
 import pytest
 
 from schemas import device as ev
-from services.client import stream_audio
+from services.cli.client import stream_audio
 from tests.support import RunningEdge, active_sessions, run_edge, until, wer
 
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from services.audio import write_wav
+from services.common.audio import write_wav
 from tests.support import LIGHT_WORKER_ENV
 from tests.test_cli import Up, start_up
 

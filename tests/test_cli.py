@@ -20,9 +20,9 @@ import nats
 import psutil
 import pytest
 
-from services.audio import write_wav
-from services.client import stream_audio
-from services.procs import Child, ProcError, free_port, spawn
+from services.cli.client import stream_audio
+from services.common.audio import write_wav
+from services.runtime.procs import Child, ProcError, free_port, spawn
 from tests.support import until_sync, wer
 
 pytestmark = pytest.mark.slow

@@ -11,9 +11,9 @@ import pytest
 from jetstream import subjects
 from jetstream.setup import apply_all
 from schemas import device as ev
-from services.client import stream_audio
+from services.cli.client import stream_audio
 from services.edge.app import nats_key
-from services.natsserver import NatsCluster
+from services.runtime.natsserver import NatsCluster
 from tests.support import first_segment_queued, run_edge, run_worker, until, wer
 
 pytestmark = pytest.mark.slow

@@ -170,3 +170,19 @@ def test_same_audio_same_output(model, jfk) -> None:  # type: ignore[no-untyped-
     )
     a, b = decode(model, req, DecodePolicy()), decode(model, req, DecodePolicy())
     assert a == b
+
+
+def test_long_forced_context_keeps_every_new_word(model, jfk) -> None:  # type: ignore[no-untyped-def]
+    """11 s of context forced as text must not eat the new segment's token budget
+    (CTranslate2 counts the forced tokens in `max_length`, and returns half of it)."""
+    segment = _prompt("conf-locked")  # "This conference is locked."
+    gap = _room(0.8)
+    audio = np.concatenate([jfk, gap, segment, _room(0.4)])
+    seg_start = (len(jfk) + len(gap) * 0.6) / SAMPLE_RATE
+    voiced = tuple((a, b) for a, b in _voiced(audio) if b > seg_start)
+    req = DecodeRequest(
+        audio=audio, segment_start_s=seg_start, voiced=voiced, context_text=JFK_TEXT
+    )
+    out = decode(model, req, DecodePolicy())
+    assert _wer("This conference is locked.", out.text) <= 0.25, out.text
+    assert "country" not in _words(out.text), out.text

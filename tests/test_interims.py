@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from schemas import device as ev
-from services.client import StreamRun, stream_audio
+from services.cli.client import StreamRun, stream_audio
 from tests.support import run_edge, run_worker, wer
 
 pytestmark = pytest.mark.slow

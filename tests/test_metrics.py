@@ -20,8 +20,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from loadtest.speech import Speech
 from observability.metrics import Recent
 from observability.otel_env import prometheus_requested
-from services.client import Received, stream_audio
-from services.procs import free_port
+from services.cli.client import Received, stream_audio
+from services.runtime.procs import free_port
 from tests.support import LIGHT_WORKER_ENV, run_edge, until
 from tests.test_cli import ESCAPEMENT, Up, start_up
 

@@ -38,7 +38,7 @@ import observability.logging
 from observability import Metrics, extract_context, inject_headers, setup_logging
 from observability.metrics import ATTR_KIND, ATTR_REASON, RTF_BUCKETS
 from observability.otel_env import export_requested
-from services.natsserver import NatsServer
+from services.runtime.natsserver import NatsServer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -464,7 +464,7 @@ def test_one_trace_from_socket_to_model_and_back(collector, tmp_path, make_test_
     import aiohttp
 
     from loadtest.target import SpawnedUp
-    from services.client import stream_audio
+    from services.cli.client import stream_audio
 
     host, port = collector.server_address[:2]
     up = SpawnedUp(

@@ -11,7 +11,7 @@ from nats.aio.client import Client as NATS
 
 from jetstream import subjects
 from schemas import device as ev
-from services.client import StreamRun, stream_audio
+from services.cli.client import StreamRun, stream_audio
 from tests.support import RunningEdge, run_edge, run_worker, until, wer
 
 pytestmark = pytest.mark.slow

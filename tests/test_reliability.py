@@ -27,11 +27,11 @@ from jetstream import subjects
 from jetstream.setup import consumer_definitions
 from schemas import device as ev
 from schemas.pipeline import Result, Segment, decode_result, encode_result, encode_segment
-from services.client import StreamRun, stream_audio
-from services.dlq import read_all
+from services.cli.client import StreamRun, stream_audio
+from services.cli.dlq import read_all
 from services.edge.app import edge_id_key
-from services.embedded import WorkerProcess
-from services.procs import free_port
+from services.runtime.procs import free_port
+from services.runtime.up import WorkerProcess
 from services.worker.deadletter import DeadLetters, Queued
 from services.worker.engines import RetryableEngineError, Transcription
 from tests.support import RunningEdge, run_edge, run_worker, until, wer
@@ -67,9 +67,7 @@ class AlwaysFailing:
     def __init__(self) -> None:
         self.calls = 0
 
-    def transcribe(
-        self, pcm: bytes, sample_rate: int, language: str, prompt: str, offset_ms: int
-    ) -> Transcription:
+    def transcribe(self, segment: Segment) -> Transcription:
         self.calls += 1
         raise RetryableEngineError(f"engine down (call {self.calls})")
 
@@ -228,7 +226,9 @@ async def test_failing_engine_is_retried_then_dead_lettered(
     speech = make_test_speech(SENTENCES[:1])
     async with run_worker(nats_server.url, engine, nak_delay_s=0.2) as worker:  # type: ignore[arg-type]
         started = time.monotonic()
-        run = await stream_audio(http, edge.url, speech.pcm, speech.sample_rate, realtime=False)
+        run = await stream_audio(
+            http, edge.url, speech.pcm, speech.sample_rate, realtime=False, interim_results=False
+        )
         took = time.monotonic() - started
         await asyncio.sleep(1.0)  # a retry after the last attempt would show here
         assert engine.calls == MAX_DELIVER
@@ -242,11 +242,8 @@ async def test_failing_engine_is_retried_then_dead_lettered(
     # back-off: 0.2 s times the delivery count after each failed attempt (0.2 + 0.4 + ...)
     assert took >= sum(0.2 * n for n in range(1, MAX_DELIVER)), took
     [letter] = [d.letter for d in await read_all(js)]
-    assert (letter.segment_id, letter.reason, letter.attempts) == (
-        f"{run.session_id}:0",
-        "engine_error",
-        MAX_DELIVER,
-    )
+    assert subjects.parse_segment_msg_id(letter.segment_id) == (run.session_id, 0)
+    assert (letter.reason, letter.attempts) == ("engine_error", MAX_DELIVER)
     await assert_queue_empty(js)
 
 

@@ -9,7 +9,7 @@ import aiohttp
 import pytest
 
 from schemas import device as ev
-from services.client import stream_audio
+from services.cli.client import stream_audio
 from services.edge.auth import mint_token
 from tests.support import first_segment_queued, run_edge, run_worker, until, wer
 

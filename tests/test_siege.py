@@ -109,7 +109,7 @@ async def test_slow_loris_is_shed_while_a_real_session_is_served(
             writer.write(b"GET /v1/stream HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n")
             half_open.append((reader, writer))
         started = time.monotonic()
-        from services.client import stream_audio
+        from services.cli.client import stream_audio
 
         run = await stream_audio(http, edge_process.url, speech.pcm, 16000, realtime=True)
         assert run.close_code == 1000 and wer(speech.text, run.text) <= 0.25, run.text

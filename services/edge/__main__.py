@@ -12,7 +12,7 @@ import signal
 import sys
 
 from observability import telemetry
-from services.config import SettingsError, from_env
+from services.common.config import SettingsError, from_env
 from services.edge.app import EdgeConfigError, create_app
 from services.edge.server import serve
 from services.edge.settings import EdgeSettings

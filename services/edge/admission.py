@@ -24,7 +24,7 @@ from nats.aio.client import Client as NATS
 from nats.errors import Error as NatsError
 
 from jetstream import subjects
-from services.discovery import ping_services
+from services.common.discovery import ping_services
 
 log = logging.getLogger(__name__)
 

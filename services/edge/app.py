@@ -24,6 +24,8 @@ from jetstream.setup import apply_all
 from observability.metrics import ATTR_REASON, Metrics
 from schemas.device import REASON_HEADER
 from schemas.pipeline import ResultMessage, SessionRecord
+from services.common.metrics_http import metrics_handler
+from services.common.natsconn import connect
 from services.edge import dashboard, health, probe, queue_view, resume
 from services.edge.admission import Admission, AdmissionConfig
 from services.edge.auth import Authenticator, AuthError, load_api_keys, mint_resume_token
@@ -33,8 +35,6 @@ from services.edge.session import Session, SessionCounters
 from services.edge.settings import EdgeSettings
 from services.edge.store import ResumeRefused, SessionStore
 from services.edge.stream import StreamStart
-from services.metrics_http import metrics_handler
-from services.natsconn import connect
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from services.audio import SUPPORTED_RATES
+from services.common.audio import SUPPORTED_RATES
 
 ENCODINGS = ("linear16",)
 FRAMINGS = ("raw", "msgpack")

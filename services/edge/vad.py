@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import webrtcvad
 
-from services.audio import SUPPORTED_RATES
+from services.common.audio import SUPPORTED_RATES
 
 
 @dataclass(frozen=True, slots=True)

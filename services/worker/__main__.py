@@ -16,9 +16,9 @@ from nats.errors import Error as NatsError
 
 from jetstream.setup import IncompatibleDefinition, JetStreamUnavailable, apply_all
 from observability import telemetry
-from services.config import SettingsError, from_env
-from services.metrics_http import MetricsEndpoint, serve_metrics
-from services.natsconn import connect
+from services.common.config import SettingsError, from_env
+from services.common.metrics_http import MetricsEndpoint, serve_metrics
+from services.common.natsconn import connect
 from services.worker.engines import WhisperEngine
 from services.worker.micro import register
 from services.worker.models import ModelNotFound, resolve_model

@@ -17,7 +17,7 @@ from typing import Protocol
 import numpy as np
 
 from schemas.pipeline import Result, Segment, Word
-from services.audio import wav_bytes
+from services.common.audio import wav_bytes
 from services.worker.decoding import DecodePolicy, DecodeRequest, decode
 
 log = logging.getLogger(__name__)

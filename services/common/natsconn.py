@@ -8,7 +8,7 @@ from collections.abc import Callable
 import nats
 from nats.aio.client import Client as NATS
 
-from services.config import nats_servers
+from services.common.config import nats_servers
 
 log = logging.getLogger(__name__)
 

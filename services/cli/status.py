@@ -39,9 +39,9 @@ from nats.micro.service import ServiceVerb, control_subject
 
 from jetstream import subjects
 from schemas.pipeline import ErrorResult, Result, decode_result
-from services.config import nats_servers
+from services.common.config import nats_servers
+from services.common.natsconn import redact
 from services.edge.queue_view import QueueState, read_queue
-from services.natsconn import redact
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 MAX_RESULTS = 20_000  # read at most this many stored results for the throughput table
@@ -84,7 +84,7 @@ class Status:
 def default_nats_url() -> str:
     if os.environ.get("NATS_URL"):
         return os.environ["NATS_URL"]
-    from services.embedded import default_data_dir
+    from services.runtime.up import default_data_dir
 
     kept = default_data_dir() / "nats.url"
     with contextlib.suppress(OSError):

@@ -28,14 +28,14 @@ from nats.errors import Error as NatsError
 
 from jetstream.setup import IncompatibleDefinition, JetStreamUnavailable, apply_all
 from observability import telemetry
-from services.config import from_env
+from services.common.config import from_env
+from services.common.natsconn import connect, redact
 from services.edge.app import LOOPBACK, EdgeConfigError, admission_key, create_app
 from services.edge.health import readiness
 from services.edge.server import serve
 from services.edge.settings import EdgeSettings
-from services.natsconn import connect, redact
-from services.natsserver import NatsServer, NatsServerError
-from services.procs import Child, spawn
+from services.runtime.natsserver import NatsServer, NatsServerError
+from services.runtime.procs import Child, spawn
 
 log = logging.getLogger("escapement.up")
 

@@ -36,8 +36,8 @@ from nats.js.api import RawStreamMsg
 from nats.js.errors import NotFoundError
 
 from jetstream import subjects
-from services.config import nats_servers
-from services.natsconn import redact
+from services.common.config import nats_servers
+from services.common.natsconn import redact
 
 H = subjects.Header
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"

@@ -15,7 +15,7 @@ import aiohttp
 import msgspec
 
 from schemas import device as ev
-from services.audio import SUPPORTED_RATES, read_wav
+from services.common.audio import SUPPORTED_RATES, read_wav
 
 log = logging.getLogger("escapement")
 
@@ -28,7 +28,7 @@ def _fmt_ms(ms: float) -> str:
 
 
 async def _transcribe(args: argparse.Namespace) -> int:
-    from services.client import Received, Refused, stream_audio
+    from services.cli.client import Received, Refused, stream_audio
 
     try:
         pcm, rate = read_wav(Path(args.file))
@@ -82,8 +82,8 @@ async def _transcribe(args: argparse.Namespace) -> int:
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
-    from services.config import SettingsError, from_env
-    from services.embedded import UpSettings, run_up
+    from services.common.config import SettingsError, from_env
+    from services.runtime.up import UpSettings, run_up
 
     try:
         settings = from_env(
@@ -121,7 +121,7 @@ def parse_duration(text: str) -> float:
 
 
 def _secret(args: argparse.Namespace) -> bytes:
-    from services.embedded import SECRET_FILE, default_data_dir
+    from services.runtime.up import SECRET_FILE, default_data_dir
 
     if os.environ.get("ESCAPEMENT_AUTH_SECRET"):
         return os.environ["ESCAPEMENT_AUTH_SECRET"].encode()
@@ -217,8 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
 # Subcommands that live in their own modules, each with `main(argv) -> int`.
 DELEGATED = {
     "loadtest": ("loadtest.cli", "drive load at a running Escapement and report"),
-    "dlq": ("services.dlq", "list and replay dead-lettered segments"),
-    "status": ("services.status", "queue, workers, throughput and latency on one screen"),
+    "dlq": ("services.cli.dlq", "list and replay dead-lettered segments"),
+    "status": ("services.cli.status", "queue, workers, throughput and latency on one screen"),
 }
 
 
@@ -235,7 +235,3 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -15,7 +15,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
-from services.procs import Child, ProcError, free_port, spawn
+from services.runtime.procs import Child, ProcError, free_port, spawn
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Pieces both services share: NATS connections, settings, audio helpers, discovery, /metrics."""
