@@ -22,7 +22,7 @@ STREAM_INTERIMS = "ASR_INTERIMS"
 CONSUMER_INTERIMS = "interim-workers"
 KV_SESSIONS = "ASR_SESSIONS"  # key-value bucket (stream KV_ASR_SESSIONS): key = session id
 
-_TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,64}")  # fullmatch: no trailing newline
 # fullmatch: no sign, no space, no newline; `-<revision>` after the number
 _NUMBER = re.compile(r"[0-9]{1,18}(-[0-9]{1,18})?")
 
@@ -49,7 +49,7 @@ class InvalidToken(ValueError):
 
 
 def check_token(value: str) -> str:
-    if not _TOKEN.match(value):
+    if not _TOKEN.fullmatch(value):
         raise InvalidToken(f"not a valid subject token: {value!r}")
     return value
 
@@ -127,7 +127,7 @@ def replay_tag(nonce: str) -> str:
 def replay_tag_of(headers: Mapping[str, str] | None) -> str:
     """The replay tag a queued segment carries; '' for an original (or a malformed tag)."""
     tag = (headers or {}).get(Header.REPLAY, "")
-    return tag if tag.startswith("replay-") and _TOKEN.match(tag) else ""
+    return tag if tag.startswith("replay-") and _TOKEN.fullmatch(tag) else ""
 
 
 def replay_msg_id(session_id: str, segment: int, tag: str) -> str:
@@ -140,9 +140,9 @@ def parse_segment_msg_id(msg_id: str) -> tuple[str, int] | None:
     `<session>:<n>:replay-<tag>` (kept in a dead letter's `Header.DEAD_SEGMENT`);
     None if malformed."""
     parts = msg_id.split(":")
-    if len(parts) not in (2, 3) or not _TOKEN.match(parts[0]) or not _NUMBER.fullmatch(parts[1]):
+    if len(parts) not in (2, 3) or not _TOKEN.fullmatch(parts[0]) or not _NUMBER.fullmatch(parts[1]):
         return None
-    if len(parts) == 3 and not (parts[2].startswith("replay-") and _TOKEN.match(parts[2])):
+    if len(parts) == 3 and not (parts[2].startswith("replay-") and _TOKEN.fullmatch(parts[2])):
         return None
     return parts[0], int(parts[1].split("-", 1)[0])
 

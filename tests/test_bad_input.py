@@ -24,7 +24,9 @@ async def _refusal(http: aiohttp.ClientSession, url: str) -> tuple[int, dict[str
         ("sample_rate=abc", "bad_sample_rate"),
         ("encoding=mulaw", "unsupported_encoding"),
         ("language=en.>", "bad_language"),
+        ("language=en%0A", "bad_language"),  # a trailing newline is not a language code
         ("framing=protobuf", "bad_framing"),
+        ("interim_results=maybe", "bad_interim_results"),
     ],
 )
 async def test_bad_query_is_refused_before_the_upgrade(
