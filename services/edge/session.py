@@ -59,9 +59,9 @@ class SessionCounters:
 
 
 def stream_config(settings: EdgeSettings, params: StreamParams) -> StreamConfig:
-    context_ms = settings.context_ms
-    # a segment (with its context) must fit a NATS message: at 48 kHz ~9 s, not 15
-    max_ms = settings.max_segment_bytes * 1000 // (2 * params.sample_rate)
+    # a segment (with its context) must fit a NATS message: at 48 kHz ~9 s, not 28
+    fits_ms = settings.max_segment_bytes * 1000 // (2 * params.sample_rate)
+    window_ms = min(settings.window_ms, fits_ms)
     return StreamConfig(
         vad=VadConfig(
             mode=settings.vad_mode,
@@ -69,12 +69,13 @@ def stream_config(settings: EdgeSettings, params: StreamParams) -> StreamConfig:
             endpoint_ms=settings.endpoint_ms,
             trailing_pad_ms=settings.trailing_pad_ms,
             min_speech_ms=settings.min_speech_ms,
-            max_utterance_ms=min(settings.max_utterance_ms, max_ms - min(context_ms, max_ms // 3)),
+            max_utterance_ms=min(settings.max_utterance_ms, window_ms),
             announce_pauses=settings.early_finals,
         ),
         reorder_chunks=settings.reorder_chunks,
         prompt_chars=settings.prompt_chars,
-        context_ms=min(context_ms, max_ms // 3),
+        context_ms=settings.context_ms,
+        window_ms=window_ms,
         prompt_wait_s=settings.prompt_wait_s,
         early_finals=settings.early_finals,
         interims=params.interim_results and settings.interims,

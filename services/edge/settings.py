@@ -23,7 +23,10 @@ class EdgeSettings(msgspec.Struct, frozen=True, kw_only=True):
     # decoding context (services/edge/stream.py): committed text of earlier finals as
     # the prompt, and audio before a segment (from an earlier utterance's start)
     prompt_chars: int = 0  # committed text before the context, as a prompt (measured: off)
-    context_ms: int = 8000  # earlier utterances' audio (and text) sent as left context
+    # earlier utterances' audio (and text) sent as left context, and context + segment
+    # at most (measured: 25 s of context closes most of the gap to whole-file decoding)
+    context_ms: int = 25000
+    window_ms: int = 28000
     prompt_wait_s: float = 3.0  # hold a segment this long for the results before it
     early_finals: bool = True  # decode at the pause, before the endpoint is confirmed
     interims: bool = True  # off here: off for every session; else per session (interim_results)

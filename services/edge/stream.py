@@ -57,7 +57,9 @@ class StreamConfig:
     vad: VadConfig = field(default_factory=VadConfig)
     reorder_chunks: int = 8
     prompt_chars: int = 0  # committed text before the context, sent as the prompt (0: none)
-    context_ms: int = 8000  # audio of earlier utterances sent as left context (0: none)
+    context_ms: int = 25000  # audio of earlier utterances sent as left context (0: none)
+    # context + segment at most: Whisper sees 30 s, and a segment must fit a NATS message
+    window_ms: int = 28000
     prompt_wait_s: float = 3.0  # hold a segment this long for earlier results
     early_finals: bool = True  # publish a candidate at the pause, before the endpoint
     interims: bool = True
@@ -244,27 +246,27 @@ class StreamCore:
         self._audio.append(pcm)
         self._audio_bytes += len(pcm)
         wait_ms = int(self.config.prompt_wait_s * 1000)
-        keep = self._bytes(
-            self.config.context_ms + self.config.vad.max_utterance_ms + wait_ms + 1000
-        )
+        keep = self._bytes(self.config.window_ms + wait_ms + 1000)  # ~1 MB at 16 kHz
         while self._audio and self._audio_bytes - len(self._audio[0]) >= keep:
             self._audio_bytes -= len(self._audio.popleft())
 
-    def _context(self, number: int, start_ms: int) -> tuple[bytes, str, int]:
-        """Left context for segment `number` starting at `start_ms` (segmenter time).
+    def _context(self, number: int, start_ms: int, end_ms: int) -> tuple[bytes, str, int]:
+        """Left context for segment `number`, [start_ms, end_ms) in segmenter time.
 
         The audio from the start of the earliest of the utterances just before it
-        that began within `context_ms`, all of whose finals are in and said
-        something, with their text; else nothing. Returns (pcm, text, first number).
+        that began within `context_ms` (and within `window_ms` of its end), all of
+        whose finals are in and said something, with their text; else nothing.
+        Returns (pcm, text, first number).
         """
         if self.config.context_ms <= 0:
             return b"", "", number
         texts = dict(self._texts)
         first = number
+        earliest = max(start_ms - self.config.context_ms, end_ms - self.config.window_ms)
         while (
             first - 1 in self._starts
             and texts.get(first - 1)
-            and 0 < start_ms - self._starts[first - 1] <= self.config.context_ms
+            and earliest <= self._starts[first - 1] < start_ms
         ):
             first -= 1
         if first == number:
@@ -362,7 +364,7 @@ class StreamCore:
 
     def _make(self, number: int, revision: int, utt: Utterance, final: bool) -> Segment:
         offset = self.offset_ms
-        context_pcm, context_text, first = self._context(number, utt.start_ms)
+        context_pcm, context_text, first = self._context(number, utt.start_ms, utt.end_ms)
         return Segment(
             session_id=self.session_id,
             edge_id=self.edge_id,

@@ -92,16 +92,13 @@ class WhisperEngine:
         device: str = "cpu",
         compute_type: str = "int8",
         cpu_threads: int = 0,
-        beam_size: int = 5,
+        beam_size: int = 0,
         name: str | None = None,
         policy: DecodePolicy | None = None,
     ) -> None:
         from faster_whisper import WhisperModel
 
         self.name = name or f"faster-whisper:{model_path.name}"
-        self.policy = policy or DecodePolicy(beam_size=beam_size)
-        # an interim look is replaced by its final: greedy, and no word alignment
-        self.look_policy = dataclasses.replace(self.policy, beam_size=1, word_timestamps=False)
         started = time.perf_counter()
         self.model = WhisperModel(
             str(model_path),
@@ -111,6 +108,14 @@ class WhisperEngine:
             local_files_only=True,
         )
         self.multilingual = self.model.model.is_multilingual
+        # beam_size 0: the measured choice for this kind of model (DecodePolicy.for_model)
+        self.policy = policy or DecodePolicy.for_model(
+            self.multilingual, **({"beam_size": beam_size} if beam_size else {})
+        )
+        # an interim look is replaced by its final: greedy, once, and no word alignment
+        self.look_policy = dataclasses.replace(
+            self.policy, beam_size=1, retry_beam_size=0, word_timestamps=False
+        )
         log.info("loaded %s in %.2fs", model_path, time.perf_counter() - started)
 
     def transcribe(self, segment: Segment) -> Transcription:

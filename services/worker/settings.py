@@ -9,7 +9,9 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True):
     device: str = "cpu"
     compute_type: str = "int8"
     cpu_threads: int = 0  # 0: let CTranslate2 decide
-    beam_size: int = 5  # greedy decoding garbles words beam search gets right ("brown fox")
+    # 0: the measured choice for the model (services/worker/decoding.py DecodePolicy.for_model:
+    # greedy with a beam-5 retry when a word is unsure for tiny.en, greedy for base)
+    beam_size: int = 0
     concurrency: int = 1  # segments transcribed at once (executor threads)
     fetch_timeout_s: float = 2.0
     in_progress_every_s: float = 3.0  # well under the consumer's ack_wait (10 s)
