@@ -147,6 +147,11 @@ VARIANTS: dict[str, Variant] = {
         context_ms=25000,
         note="C25 + beam-5 retry when a word has p < 0.5",
     ),
+    "C25RWS": Variant(
+        P(retry_beam_size=5, retry_word_probability=0.5, silero=True),
+        context_ms=25000,
+        note="C25RW + Silero second opinion on each word",
+    ),
     "C15B5": Variant(P0(beam_size=5), context_ms=15000, note="C15 + beam 5"),
     "TS15": Variant(P0(without_timestamps=False), context_ms=15000, note="C15 + timestamp tokens"),
     "RW": Variant(

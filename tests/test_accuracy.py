@@ -7,6 +7,7 @@ that is None is measured and reported but not asserted yet.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import pytest
 
 from loadtest import accuracy
 from loadtest import realspeech as rs
-from loadtest.corpus import CorpusError, default_cache_dir
+from loadtest.corpus import CorpusError, Item, default_cache_dir
 
 # --- gates ----------------------------------------------------------------------
 OFFLINE_REAL_WER_MAX = 0.25  # the model decoding whole files offline, real sessions pooled
@@ -141,3 +142,30 @@ def test_small_benchmark_against_a_real_pipeline(
     if SNR_INSERTIONS_PER_100_MAX is not None:
         snr = report["pooled"]["snr-10dB"]["streamed"]
         assert snr["ins_per_100"] <= SNR_INSERTIONS_PER_100_MAX, snr
+
+
+@pytest.mark.slow
+async def test_the_same_audio_streamed_twice_gives_the_same_finals(
+    entries: list[accuracy.Entry], nats_server, nc, engine, http
+) -> None:  # type: ignore[no-untyped-def]
+    """Two devices send the same real recording at once, beside a third talking over
+    something else, so their segments meet a busy worker at different moments: their
+    finals must still be identical, word for word."""
+    from services.cli.client import stream_audio
+    from tests.support import run_edge, run_worker
+
+    real = [e.item for e in entries if e.group in ("real", "jfk")]
+    item, other = real[0], real[-1]
+
+    async def later(delay_s: float, audio: Item):  # type: ignore[no-untyped-def]
+        await asyncio.sleep(delay_s)
+        return await stream_audio(http, edge.url, audio.pcm, audio.sample_rate)
+
+    async with run_worker(nats_server.url, engine), run_edge(nats_server.url) as edge:
+        first, second, _ = await asyncio.gather(
+            later(0.0, item), later(0.35, item), later(0.1, other)
+        )
+    texts = [
+        [f.text for f in sorted(run.finals, key=lambda f: f.segment)] for run in (first, second)
+    ]
+    assert texts[0] and texts[0] == texts[1]

@@ -50,6 +50,7 @@ from services.edge.vad import (
 )
 
 Output = ev.ServerEvent | Segment
+LOOK_HOLD_MS = 90  # no interim look is asked for during this much trailing silence
 
 
 @dataclass(frozen=True, slots=True)
@@ -391,6 +392,8 @@ class StreamCore:
         due = self.config.interim_first_ms + state.looks * self.config.interim_every_ms
         if spoken < due:
             return
+        if self.segmenter.trailing_silence_ms >= LOOK_HOLD_MS:
+            return  # maybe the end: a look now could hold up the early final behind it
         utt = self.segmenter.current()
         if utt is None:
             return

@@ -102,6 +102,11 @@ class Segmenter:
         return self._in_speech
 
     @property
+    def trailing_silence_ms(self) -> int:
+        """Unvoiced time since the last voiced frame of the utterance in progress."""
+        return self._ms(self._trailing_unvoiced) if self._in_speech else 0
+
+    @property
     def position_ms(self) -> int:
         return self._t_frames * self.config.frame_ms
 
