@@ -26,9 +26,7 @@ from services.edge.params import StreamParams
 from services.edge.publisher import PublishFailure, SegmentPublisher
 from services.edge.settings import EdgeSettings
 from services.edge.store import SessionStore
-from services.edge.stream import Output, StreamConfig, StreamCore, StreamStart
-from services.edge.timeline import TimelineGap
-from services.edge.vad import VadConfig
+from services.edge.stream import BadAudio, Output, StreamCore, StreamStart
 
 log = logging.getLogger(__name__)
 
@@ -56,32 +54,6 @@ class SessionCounters:
     errors: int = 0
     throttled_s: float = 0.0
     publish_retries: int = 0
-
-
-def stream_config(settings: EdgeSettings, params: StreamParams) -> StreamConfig:
-    # a segment (with its context) must fit a NATS message: at 48 kHz ~9 s, not 28
-    fits_ms = settings.max_segment_bytes * 1000 // (2 * params.sample_rate)
-    window_ms = min(settings.window_ms, fits_ms)
-    return StreamConfig(
-        vad=VadConfig(
-            mode=settings.vad_mode,
-            preroll_ms=settings.preroll_ms,
-            endpoint_ms=settings.endpoint_ms,
-            trailing_pad_ms=settings.trailing_pad_ms,
-            min_speech_ms=settings.min_speech_ms,
-            max_utterance_ms=min(settings.max_utterance_ms, window_ms),
-            announce_pauses=settings.early_finals,
-        ),
-        reorder_chunks=settings.reorder_chunks,
-        prompt_chars=settings.prompt_chars,
-        context_ms=settings.context_ms,
-        window_ms=window_ms,
-        prompt_wait_s=settings.prompt_wait_s,
-        early_finals=settings.early_finals,
-        interims=params.interim_results and settings.interims,
-        interim_first_ms=settings.interim_first_ms,
-        interim_every_ms=settings.interim_every_ms,
-    )
 
 
 class Session:
@@ -113,7 +85,7 @@ class Session:
             record.edge_id,
             record.tenant,
             params,
-            stream_config(settings, params),
+            settings.stream_config(params),
             start or StreamStart(next_segment=record.next_segment, position_ms=record.position_ms),
         )
         self.publisher = SegmentPublisher(
@@ -337,29 +309,9 @@ class Session:
         await self._pace(self.core.fed_bytes - fed)
 
     def _feed(self, data: bytes) -> None:
-        now = time.monotonic()
-        if self.core.timeline is None:
-            if len(data) % 2:
-                raise ProtocolError(
-                    WSCloseCode.INVALID_TEXT,
-                    f"odd-length PCM frame ({len(data)} bytes); need s16le samples",
-                )
-            self._dispatch(self.core.audio(data, now))
-            return
         try:
-            chunk = ev.decode_chunk(data)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            raise ProtocolError(
-                WSCloseCode.INVALID_TEXT, f"invalid AudioChunk msgpack: {exc}"
-            ) from None
-        if len(chunk.pcm) % 2 or chunk.seq < 0:
-            raise ProtocolError(
-                WSCloseCode.INVALID_TEXT,
-                f"invalid AudioChunk seq={chunk.seq} ({len(chunk.pcm)} bytes of pcm)",
-            )
-        try:
-            self._dispatch(self.core.chunk(chunk, now))
-        except TimelineGap as exc:
+            self._dispatch(self.core.frame(data, time.monotonic()))
+        except BadAudio as exc:
             raise ProtocolError(WSCloseCode.INVALID_TEXT, str(exc)) from None
 
     async def _on_control(self, text: str) -> bool:
@@ -386,7 +338,7 @@ class Session:
     def _flush(self) -> None:
         try:
             self._dispatch(self.core.flush(time.monotonic()))
-        except TimelineGap as exc:
+        except BadAudio as exc:
             raise ProtocolError(WSCloseCode.INVALID_TEXT, str(exc)) from None
 
     async def _until_settled(self, within_s: float) -> bool:

@@ -2,6 +2,10 @@ from __future__ import annotations
 
 import msgspec
 
+from services.edge.params import StreamParams
+from services.edge.stream import StreamConfig
+from services.edge.vad import VadConfig
+
 
 class EdgeSettings(msgspec.Struct, frozen=True, kw_only=True):
     nats_url: str = "nats://127.0.0.1:4222"
@@ -67,3 +71,30 @@ class EdgeSettings(msgspec.Struct, frozen=True, kw_only=True):
     recheck_after_s: float = 20.0  # a result owed this long is looked up in ASR_TRANSCRIPTS
     drain_s: float = 10.0  # edge shutdown: time given to deliver owed finals before 1001
     log_level: str = "INFO"
+
+    def stream_config(self, params: StreamParams) -> StreamConfig:
+        """What the streaming core of a session with these parameters works with."""
+        settings = self
+        # a segment (with its context) must fit a NATS message: at 48 kHz ~9 s, not 28
+        fits_ms = settings.max_segment_bytes * 1000 // (2 * params.sample_rate)
+        window_ms = min(settings.window_ms, fits_ms)
+        return StreamConfig(
+            vad=VadConfig(
+                mode=settings.vad_mode,
+                preroll_ms=settings.preroll_ms,
+                endpoint_ms=settings.endpoint_ms,
+                trailing_pad_ms=settings.trailing_pad_ms,
+                min_speech_ms=settings.min_speech_ms,
+                max_utterance_ms=min(settings.max_utterance_ms, window_ms),
+                announce_pauses=settings.early_finals,
+            ),
+            reorder_chunks=settings.reorder_chunks,
+            prompt_chars=settings.prompt_chars,
+            context_ms=settings.context_ms,
+            window_ms=window_ms,
+            prompt_wait_s=settings.prompt_wait_s,
+            early_finals=settings.early_finals,
+            interims=params.interim_results and settings.interims,
+            interim_first_ms=settings.interim_first_ms,
+            interim_every_ms=settings.interim_every_ms,
+        )

@@ -34,10 +34,12 @@ import secrets
 from collections import deque
 from dataclasses import dataclass, field
 
+import msgspec
+
 from schemas import device as ev
 from schemas.pipeline import ErrorResult, Result, ResultMessage, Segment, Word
 from services.edge.params import StreamParams
-from services.edge.timeline import Timeline
+from services.edge.timeline import Timeline, TimelineGap
 from services.edge.vad import (
     Discarded,
     Event,
@@ -50,6 +52,13 @@ from services.edge.vad import (
 )
 
 Output = ev.ServerEvent | Segment
+
+
+class BadAudio(ValueError):
+    """A frame that is not audio of this stream (odd-length PCM, bad msgpack, an
+    impossible gap claim): the socket is closed with this message."""
+
+
 LOOK_HOLD_MS = 90  # no interim look is asked for during this much trailing silence
 
 
@@ -217,11 +226,29 @@ class StreamCore:
         out.extend(self.release(now))
         return out
 
+    def frame(self, data: bytes, now: float) -> list[Output]:
+        """A binary frame from the device: PCM (raw framing) or an `AudioChunk` (msgpack)."""
+        if self.timeline is None:
+            if len(data) % 2:
+                raise BadAudio(f"odd-length PCM frame ({len(data)} bytes); need s16le samples")
+            return self.audio(data, now)
+        try:
+            chunk = ev.decode_chunk(data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise BadAudio(f"invalid AudioChunk msgpack: {exc}") from None
+        if len(chunk.pcm) % 2 or chunk.seq < 0:
+            raise BadAudio(f"invalid AudioChunk seq={chunk.seq} ({len(chunk.pcm)} bytes of pcm)")
+        return self.chunk(chunk, now)
+
     def chunk(self, chunk: ev.AudioChunk, now: float) -> list[Output]:
-        """A numbered chunk (msgpack framing). Raises `TimelineGap` on an impossible claim."""
+        """A numbered chunk (msgpack framing), put in its place on the timeline."""
         assert self.timeline is not None
         out: list[Output] = []
-        for pcm in self.timeline.push(chunk):
+        try:
+            pieces = self.timeline.push(chunk)
+        except TimelineGap as exc:
+            raise BadAudio(str(exc)) from None
+        for pcm in pieces:
             out.extend(self.audio(pcm, now))
         return out
 
@@ -229,7 +256,11 @@ class StreamCore:
         """Finalize / CloseStream / disconnect: cut the utterance in progress now."""
         out: list[Output] = []
         if self.timeline is not None:
-            for pcm in self.timeline.flush():
+            try:
+                pieces = self.timeline.flush()
+            except TimelineGap as exc:
+                raise BadAudio(str(exc)) from None
+            for pcm in pieces:
                 out.extend(self.audio(pcm, now))
         for event in self.segmenter.flush():
             self._on_vad(event, now, out)
