@@ -140,7 +140,11 @@ def parse_segment_msg_id(msg_id: str) -> tuple[str, int] | None:
     `<session>:<n>:replay-<tag>` (kept in a dead letter's `Header.DEAD_SEGMENT`);
     None if malformed."""
     parts = msg_id.split(":")
-    if len(parts) not in (2, 3) or not _TOKEN.fullmatch(parts[0]) or not _NUMBER.fullmatch(parts[1]):
+    if (
+        len(parts) not in (2, 3)
+        or not _TOKEN.fullmatch(parts[0])
+        or not _NUMBER.fullmatch(parts[1])
+    ):
         return None
     if len(parts) == 3 and not (parts[2].startswith("replay-") and _TOKEN.fullmatch(parts[2])):
         return None

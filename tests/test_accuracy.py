@@ -1,8 +1,8 @@
 """The real-speech corpus (`loadtest.realspeech`) and the accuracy benchmark
 (`python -m loadtest.accuracy --small`) against a real `escapement up`.
 
-The gates below are what holds today. Tighten them as decoding improves; a gate
-that is None is measured and reported but not asserted yet.
+The gates below are what holds today on the small corpus; a gate that is None is
+measured and reported but not asserted.
 """
 
 from __future__ import annotations
@@ -21,10 +21,12 @@ from loadtest.corpus import CorpusError, Item, default_cache_dir
 
 # --- gates ----------------------------------------------------------------------
 OFFLINE_REAL_WER_MAX = 0.25  # the model decoding whole files offline, real sessions pooled
-STREAMED_REAL_WER_MAX: float | None = None  # not gated yet: streamed decoding is being reworked
-STREAMED_MINUS_OFFLINE_WER_MAX: float | None = None  # the streaming penalty, real sessions
-PROBE_WORDS_MAX: int | None = None  # words streamed while nobody spoke (target: 0)
-SNR_INSERTIONS_PER_100_MAX: float | None = None  # streamed, at 10 dB
+# The full benchmark holds streamed within 1 point of offline on `real`; the CI corpus is
+# small (about 100 words), so one word is a point: these gates leave room for two.
+STREAMED_REAL_WER_MAX: float | None = 0.10
+STREAMED_MINUS_OFFLINE_WER_MAX: float | None = 0.03  # the streaming penalty, real sessions
+PROBE_WORDS_MAX: int | None = 0  # words streamed while nobody spoke (after normalising)
+SNR_INSERTIONS_PER_100_MAX: float | None = 2.0  # streamed, at 10 dB (one word on the small mix)
 SNR_TOLERANCE_DB = 1.0  # a mix's measured SNR against the one asked for
 ROOM_NOISE_DBFS = (-55.0, -35.0)  # the gaps between prompts: room noise, not digital silence
 
