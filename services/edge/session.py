@@ -240,8 +240,7 @@ class Session:
     async def _close(self, code: int, reason: str) -> None:
         try:
             # What was heard is queued even if the device is gone: it may resume.
-            with contextlib.suppress(ProtocolError):
-                self._flush()
+            self._flush_quietly()
             self._dispatch(self.core.release(time.monotonic(), everything=True))
             self.publisher.close()
             publisher, writer = self._tasks
@@ -259,8 +258,7 @@ class Session:
 
     async def drain(self, deadline_s: float) -> None:
         """Edge shutdown: queue what was heard, deliver what is owed (bounded), then 1001."""
-        with contextlib.suppress(ProtocolError):
-            self._flush()
+        self._flush_quietly()
         await self._until_settled(deadline_s)
         await self.abort(WSCloseCode.GOING_AWAY, "edge shutting down")
 
@@ -334,6 +332,13 @@ class Session:
             await self.publisher.purge_interims(self.id, self.record.edge_id)
         # KeepAlive: receiving it reset the idle timer.
         return False
+
+    def _flush_quietly(self) -> None:
+        """Closing: what was heard goes out; audio the timeline cannot place is only logged."""
+        try:
+            self._flush()
+        except ProtocolError as exc:
+            log.info("session %s: unflushable audio at close: %s", self.id, exc.reason)
 
     def _flush(self) -> None:
         try:
