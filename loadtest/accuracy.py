@@ -59,7 +59,7 @@ from loadtest.device import (
 )
 from loadtest.metrics import percentile
 from loadtest.progress import Live
-from loadtest.runner import wait_ready
+from loadtest.runner import run_command, wait_ready
 from loadtest.target import SpawnedUp, SpawnError
 from loadtest.workload import http_session
 from schemas import device as ev
@@ -757,10 +757,7 @@ def pipeline_cpu_s(spawned: SpawnedUp | None) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        return asyncio.run(run(parse_args(argv)))
-    except KeyboardInterrupt:
-        return 130
+    return run_command(run, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from typing import Any
 from loadtest import corpus as corpus_mod
 from loadtest.device import COMPLETED, SessionOptions
 from loadtest.metrics import Histograms
-from loadtest.runner import wait_ready
+from loadtest.runner import run_command, wait_ready
 from loadtest.target import SpawnedUp, SpawnError
 from loadtest.workload import Plan, http_session, run_devices
 
@@ -162,10 +162,7 @@ async def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        return asyncio.run(run(parse_args(argv)))
-    except KeyboardInterrupt:
-        return 130
+    return run_command(run, parse_args(argv))
 
 
 if __name__ == "__main__":

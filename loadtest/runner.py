@@ -279,6 +279,16 @@ def _raise_fd_limit(need: int) -> str | None:
     return None
 
 
+def run_command(
+    run: Callable[[argparse.Namespace], Awaitable[int]], args: argparse.Namespace
+) -> int:
+    """A benchmark's `main`: run it to its exit code; Ctrl-C exits 130."""
+    try:
+        return asyncio.run(run(args))
+    except KeyboardInterrupt:
+        return 130
+
+
 async def wait_ready(http: aiohttp.ClientSession, url: str, limit_s: float) -> str | None:
     """None once `/readyz` says ready; else why not."""
     deadline = time.monotonic() + limit_s

@@ -37,7 +37,7 @@ from aiohttp import web
 
 from loadtest import corpus as corpus_mod
 from loadtest.latency import measure
-from loadtest.runner import wait_ready
+from loadtest.runner import run_command, wait_ready
 from loadtest.target import SpawnedUp, SpawnError
 from loadtest.workload import http_session
 from services.runtime.procs import free_port
@@ -250,10 +250,7 @@ async def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        return asyncio.run(run(parse_args(argv)))
-    except KeyboardInterrupt:
-        return 130
+    return run_command(run, parse_args(argv))
 
 
 if __name__ == "__main__":
