@@ -186,3 +186,31 @@ def test_long_forced_context_keeps_every_new_word(model, jfk) -> None:  # type: 
     out = decode(model, req, DecodePolicy())
     assert _wer("This conference is locked.", out.text) <= 0.25, out.text
     assert "country" not in _words(out.text), out.text
+
+
+def test_a_context_that_ends_a_sentence_does_not_silence_the_new_one(model, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Forced through a finished sentence, tiny.en may end the transcript at once and say
+    nothing of the new speech; the segment is then decoded on its own."""
+    from loadtest.speech import make_speech
+
+    first = (
+        "the committee will meet again on thursday afternoon to discuss the budget "
+        "for the new library and the repairs to the old town hall"
+    )
+    second = "please remember to water the plants on the balcony every morning while we are away"
+    speech = make_speech([first, second], tmp_path, gap_s=0.8)
+    audio = np.frombuffer(speech.pcm, dtype=np.int16).astype(np.float32) / 32768.0
+    (s0, _), (s1, e1) = speech.spans
+    seg_start = s1 - 0.3
+    req = DecodeRequest(
+        audio=audio[int((s0 - 0.3) * SAMPLE_RATE) : int((e1 + 0.3) * SAMPLE_RATE)],
+        segment_start_s=seg_start - (s0 - 0.3),
+        # as the earlier final said it (no full stop): with it, the model stops at once
+        context_text="The committee will meet again on Thursday afternoon to discuss the budget "
+        "for the new library and the repairs to the old town hall",
+        voiced=((s1 - (s0 - 0.3), e1 - (s0 - 0.3)),),
+    )
+    out = decode(model, req, DecodePolicy())
+    said = _words(out.text)
+    assert len(said) >= 8 and "morning" in said, out.text
+    assert "committee" not in said, out.text

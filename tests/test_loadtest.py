@@ -125,9 +125,11 @@ def test_concurrency(up: SpawnedUp, corpus_cache: str, tmp_path: Path) -> None:
     assert f["received"] == f["utterances"] == 4 and f["missing_utterances"] == 0
     final = lat["final"]
     assert final["count"] == 4 and final["p50"] <= final["p95"] <= final["p99"] <= final["max"]
-    # the split adds up: endpoint wait + inference + overhead = speech end -> Final
+    # the split accounts for speech end -> Final: endpoint wait + inference + overhead is
+    # at least the whole (the early final decodes during the endpoint wait, so they overlap)
     parts = sum(lat[k]["mean"] for k in ("endpoint_wait", "inference", "overhead"))
-    assert abs(parts - final["mean"]) < 5
+    assert parts >= final["mean"] - 5, (parts, final)
+    assert lat["endpoint_wait"]["mean"] <= final["mean"] + 5
     assert 300 < lat["endpoint_wait"]["p50"] < 2000  # the VAD waits for 500 ms of silence
     assert report["wer"]["sessions"] == 2 and report["wer"]["mean"] < 0.5
     assert report["throughput"]["audio_s_transcribed"] > 0 and report["throughput"]["rtf"] > 0

@@ -29,6 +29,7 @@ What a request holds and why (see `DecodeRequest`):
 
 from __future__ import annotations
 
+import dataclasses
 import zlib
 from dataclasses import dataclass, field
 
@@ -212,10 +213,36 @@ def decode(model, request: DecodeRequest, policy: DecodePolicy | None = None) ->
     One encoder pass, one generate (plus at most one wider-beam retry), one
     alignment pass; then the word gates. Deterministic: no sampling unless
     `policy.temperature` > 0, and nothing depends on state outside `request`.
+
+    Forced through a context text that ends a sentence, the model sometimes
+    calls the transcript finished and says nothing of the new audio. When the
+    context gave no word although the model did not call the audio non-speech,
+    the segment is decoded once more on its own.
     """
+    policy = policy or DecodePolicy()
+    decoded = _decode(model, request, policy)
+    if decoded.words or decoded.skipped in ("no_speech", "repetitive"):
+        return decoded
+    if not request.context_text or request.segment_start_s <= 0:
+        return decoded
+    cut = request.segment_start_s
+    alone = DecodeRequest(
+        audio=np.asarray(request.audio)[int(round(cut * SAMPLE_RATE)) :],
+        prompt=request.prompt,
+        voiced=tuple((a - cut, b - cut) for a, b in request.voiced if b > cut),
+        final=request.final,
+        language=request.language,
+    )
+    again = _decode(model, alone, policy)
+    words = [
+        DecodedWord(w.word, w.start_s + cut, w.end_s + cut, w.probability) for w in again.words
+    ]
+    return dataclasses.replace(again, words=words)
+
+
+def _decode(model, request: DecodeRequest, policy: DecodePolicy) -> Decoded:  # type: ignore[no-untyped-def]
     from faster_whisper.transcribe import pad_or_trim
 
-    policy = policy or DecodePolicy()
     audio, seg_start, voiced, context_text = _fit_window(request, policy)
     duration = len(audio) / SAMPLE_RATE
     seg_dur = max(0.0, duration - seg_start)
