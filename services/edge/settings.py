@@ -19,7 +19,7 @@ class EdgeSettings(msgspec.Struct, frozen=True, kw_only=True):
     vad_mode: int = 3
     preroll_ms: int = 300
     endpoint_ms: int = 500
-    trailing_pad_ms: int = 200  # of the endpoint silence, kept; the early final goes out here
+    trailing_pad_ms: int = 300
     min_speech_ms: int = 150
     max_utterance_ms: int = 15000
     max_segment_bytes: int = 900_000  # audio per segment: under NATS's 1 MiB message limit
