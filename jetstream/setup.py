@@ -96,6 +96,8 @@ async def apply_stream(
         have, want = _value(getattr(info.config, field)), _value(getattr(config, field))
         if want is not None and have != want:
             raise IncompatibleDefinition("stream", name, field, have, want)
+    if _unchanged(config, info.config):
+        return info  # no request: a NATS user without stream rights (a worker) starts too
     try:
         return await js.update_stream(config)
     except APIError as exc:
@@ -120,12 +122,20 @@ async def apply_consumer(
         have, want = _value(getattr(info.config, field)), _value(getattr(config, field))
         if want is not None and have != want:
             raise IncompatibleDefinition("consumer", name, field, have, want)
+    if _unchanged(config, info.config):
+        return info
     try:
         return await js.add_consumer(definition.stream, config)
     except APIError as exc:
         raise IncompatibleDefinition(
             "consumer", name, "config", "existing", exc.description or str(exc)
         ) from exc
+
+
+def _unchanged(wanted: js_api.StreamConfig | js_api.ConsumerConfig, have: Any) -> bool:
+    """Whether every field the definition sets already has that value on the server."""
+    current = have.as_dict()
+    return all(current.get(k) == v for k, v in wanted.as_dict().items())
 
 
 async def apply_all(

@@ -20,6 +20,9 @@ CONSUMER_WORKERS = "workers"
 # Interim looks at speech still going on: memory, one waiting per session (the newest).
 STREAM_INTERIMS = "ASR_INTERIMS"
 CONSUMER_INTERIMS = "interim-workers"
+# Segments of uploaded files (POST /v1/audio/transcriptions): on ASR_SEGMENTS too, on
+# their own subjects and consumer, which workers pull only when no live segment waits.
+CONSUMER_FILES = "file-workers"
 KV_SESSIONS = "ASR_SESSIONS"  # key-value bucket (stream KV_ASR_SESSIONS): key = session id
 
 _TOKEN = re.compile(r"[A-Za-z0-9_-]{1,64}")  # fullmatch: no trailing newline
@@ -59,10 +62,17 @@ def segments_subject(edge_id: str, session_id: str) -> str:
     return f"{PREFIX}.segments.{check_token(edge_id)}.{check_token(session_id)}"
 
 
+def file_segments_subject(edge_id: str, job_id: str) -> str:
+    """Where the edge publishes an uploaded file's segments (ASR_SEGMENTS, file-workers).
+    Their results come back on `results_subject(edge_id, job_id)`, like a session's."""
+    return f"{PREFIX}.files.{check_token(edge_id)}.{check_token(job_id)}"
+
+
 def ids_from_segments_subject(subject: str) -> tuple[str, str] | None:
-    """`asr.segments.<edge>.<session>` -> (edge, session); None for any other subject."""
+    """`asr.segments.<edge>.<session>` (or an uploaded file's `asr.files.<edge>.<job>`)
+    -> (edge, session); None for any other subject."""
     parts = subject.split(".")
-    if len(parts) != 4 or parts[0] != PREFIX or parts[1] != "segments":
+    if len(parts) != 4 or parts[0] != PREFIX or parts[1] not in ("segments", "files"):
         return None
     try:
         return check_token(parts[2]), check_token(parts[3])
@@ -89,6 +99,9 @@ def dead_msg_id(stream_seq: int) -> str:
 # max_deliver without being acked or termed (the last holder never answered).
 ADVISORY_MAX_DELIVERIES = (
     f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{STREAM_SEGMENTS}.{CONSUMER_WORKERS}"
+)
+ADVISORY_MAX_DELIVERIES_FILES = (
+    f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{STREAM_SEGMENTS}.{CONSUMER_FILES}"
 )
 # Queue group on that advisory: one worker handles each.
 DEAD_LETTER_QUEUE = "escapement-dead-letter"
@@ -163,6 +176,12 @@ WORKER_SERVICE = "escapement-worker"
 EDGE_SERVICE = "escapement-edge"
 WORKER_STATUS = f"{PREFIX}.control.worker.status"
 EDGE_STATUS = f"{PREFIX}.control.edge.status"
+WORKER_ENGINE = f"{PREFIX}.control.worker.engine"  # + the worker's micro service id
+
+
+def worker_engine(worker_id: str) -> str:
+    """One worker's engine endpoint (read or swap its chain), by its micro service id."""
+    return f"{WORKER_ENGINE}.{check_token(worker_id)}"
 
 
 def edge_status(edge_id: str) -> str:

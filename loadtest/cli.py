@@ -107,8 +107,8 @@ def _common() -> argparse.ArgumentParser:
     g.add_argument(
         "--trailing-pad-ms",
         type=int,
-        default=300,
-        help="the edge's trailing pad, for audio without reference spans (default 300)",
+        default=210,
+        help="the edge's trailing pad, for audio without reference spans (default 210)",
     )
     g.add_argument(
         "--sample-every",

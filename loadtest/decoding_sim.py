@@ -152,6 +152,46 @@ VARIANTS: dict[str, Variant] = {
         context_ms=25000,
         note="C25RW + Silero second opinion on each word",
     ),
+    "C25RWP": Variant(
+        P(retry_beam_size=5, retry_word_probability=0.5, context_in_prompt=True),
+        context_ms=25000,
+        note="C25RW, context text as previous text + forced start timestamp",
+    ),
+    "C25B5P": Variant(
+        P0(beam_size=5, context_in_prompt=True),
+        context_ms=25000,
+        note="C25P + beam 5 always",
+    ),
+    "C25RW7P": Variant(
+        P(retry_beam_size=5, retry_word_probability=0.7, context_in_prompt=True),
+        context_ms=25000,
+        note="C25RWP, retry when a word has p < 0.7",
+    ),
+    "C25RWR": Variant(
+        P(retry_beam_size=5, retry_word_probability=0.5, retry_context_in_prompt=True),
+        context_ms=25000,
+        note="C25RW, the retry with the context text as previous text",
+    ),
+    "C25RW3": Variant(
+        P(retry_beam_size=3, retry_word_probability=0.5),
+        context_ms=25000,
+        note="C25RW, retry with beam 3",
+    ),
+    "C25RW35": Variant(
+        P(retry_beam_size=5, retry_word_probability=0.35),
+        context_ms=25000,
+        note="C25RW, retry when a word has p < 0.35",
+    ),
+    "DEF": Variant(
+        DecodePolicy.for_model(False),
+        context_ms=25000,
+        note="the shipped default for tiny.en (retry with beam 3, Silero on the segment)",
+    ),
+    "C25P": Variant(
+        P0(context_in_prompt=True),
+        context_ms=25000,
+        note="C25, context text as previous text + forced start timestamp",
+    ),
     "C15B5": Variant(P0(beam_size=5), context_ms=15000, note="C15 + beam 5"),
     "TS15": Variant(P0(without_timestamps=False), context_ms=15000, note="C15 + timestamp tokens"),
     "RW": Variant(

@@ -109,6 +109,11 @@ def join(clips: list[Clip], gap_s: float = 1.0, lead_s: float = 0.5, tail_s: flo
 
 
 def make_speech(
-    sentences: list[str], cache_dir: Path, sample_rate: int = 16000, gap_s: float = 1.0
+    sentences: list[str],
+    cache_dir: Path,
+    sample_rate: int = 16000,
+    gap_s: float = 1.0,
+    voice: str = "en-us",
 ) -> Speech:
-    return join([speak(s, cache_dir, sample_rate) for s in sentences], gap_s=gap_s)
+    """`voice`: an espeak-ng voice or language (`espeak-ng --voices`): "de", "es", "fr", ..."""
+    return join([speak(s, cache_dir, sample_rate, voice) for s in sentences], gap_s=gap_s)

@@ -192,7 +192,11 @@ class Metrics:
     - `bad_input` (`{ATTR_KIND: ...}`) -- edge, per refused frame or message;
     - `final_latency_ms` -- end of speech to the final reaching the socket (its
       last minute also kept in `final_latency_ms.recent`, for live views);
-    - `inference_ms`, `rtf` (inference time / audio duration) -- worker.
+    - `inference_ms`, `rtf` (inference time / audio duration) -- worker;
+    - `engine_breaker_opens` (`{engine, reason: error|deadline}`),
+      `engine_breaker_open` (up-down: 1 while an engine's breaker is open),
+      `engine_fallbacks` (`{engine}`: segments that engine failed, passed on),
+      `engine_stuck` (up-down: calls abandoned at their deadline, still running) -- worker.
     """
 
     def __init__(self, meter: Meter | None = None) -> None:
@@ -248,6 +252,26 @@ class Metrics:
             unit="1",
             description="Real-time factor: inference time over audio duration",
             explicit_bucket_boundaries_advisory=RTF_BUCKETS,
+        )
+        self.engine_breaker_opens = m.create_counter(
+            "escapement.engine.breaker.opens",
+            unit="{open}",
+            description="Times an engine's circuit breaker opened, by engine and reason",
+        )
+        self.engine_breaker_open = m.create_up_down_counter(
+            "escapement.engine.breaker.open",
+            unit="{engine}",
+            description="Engines whose circuit breaker is open now (1 per open engine)",
+        )
+        self.engine_fallbacks = m.create_counter(
+            "escapement.engine.fallbacks",
+            unit="{segment}",
+            description="Segments an engine failed and passed to the next in its chain",
+        )
+        self.engine_stuck = m.create_up_down_counter(
+            "escapement.engine.stuck",
+            unit="{call}",
+            description="Engine calls abandoned at their deadline that still hold a thread",
         )
 
 

@@ -101,7 +101,40 @@ class Overloaded(msgspec.Struct, tag=True, kw_only=True):
     segment: int | None = None
 
 
-ServerEvent = SessionStarted | SpeechStarted | Interim | Final | SpeechEnded | Error | Overloaded
+class Gap(msgspec.Struct, tag=True, kw_only=True):
+    """Numbered chunks given up as lost (framing=msgpack): from `t_ms` on the session
+    timeline, `lost_ms` of silence stands for chunks `first_seq` .. `first_seq + lost_chunks - 1`."""
+
+    t_ms: int
+    lost_ms: int
+    lost_chunks: int
+    first_seq: int
+
+
+class ChunkStats(msgspec.Struct, tag=True, kw_only=True):
+    """How the numbered chunks of this session arrived so far (framing=msgpack): sent
+    after late or duplicate chunks (at most once a second) and on Finalize / CloseStream.
+    `late`: arrived after their place was filled with silence (dropped, never spliced in)."""
+
+    chunks: int
+    reordered: int
+    late: int
+    duplicates: int
+    lost_chunks: int
+    lost_ms: int
+
+
+ServerEvent = (
+    SessionStarted
+    | SpeechStarted
+    | Interim
+    | Final
+    | SpeechEnded
+    | Error
+    | Overloaded
+    | Gap
+    | ChunkStats
+)
 
 _json_encoder = msgspec.json.Encoder()
 _control_decoder = msgspec.json.Decoder(ControlMessage)

@@ -39,6 +39,9 @@ class Segment(msgspec.Struct, tag=True, kw_only=True, frozen=True):
     # if speech resumed; only the revision the edge confirmed counts. For an interim,
     # the look's sequence number within its utterance.
     revision: int = 0
+    # With language "" (detect): the language the session's finals were in so far
+    # ("" before the first), kept unless the audio clearly says another.
+    session_language: str = ""
 
 
 class Word(msgspec.Struct, frozen=True):
@@ -99,6 +102,10 @@ class SessionRecord(msgspec.Struct, kw_only=True):
     failed: list[int] = []  # recent segments the edge could not queue (no result will come)
     # recent segment -> the revision that counts: a resume replays only its result
     revisions: dict[int, int] = {}
+    # Ownership: each resume claims the record with a higher epoch (a compare-and-set on
+    # its KV revision); a socket of an older epoch may no longer save it.
+    epoch: int = 0
+    resume_id: str = ""  # the id of the one resume token that may resume it now ("": any)
 
 
 _segment_encoder = msgspec.msgpack.Encoder()

@@ -116,7 +116,7 @@ def test_ports_are_ones_the_services_listen_on(services):
     for name, service in services.items():
         listens = _listens(name, service)
         for entry in service.get("ports") or []:
-            host, container = (int(p) for p in str(entry).split(":"))
+            host, container = (int(p) for p in str(entry).split(":")[-2:])  # [ip:]host:container
             assert container in listens, f"{name}: publishes {container}, listens on {listens}"
             assert host not in published, f"{name}: host port {host} published twice"
             published.add(host)
@@ -267,3 +267,38 @@ def test_grafana_dashboard_uses_known_datasources_and_exported_metrics(services,
 def test_readme_says_compose_needs_docker():
     readme = (REPO / "README.md").read_text()
     assert "docker compose up" in readme and "Docker engine" in readme
+
+
+_DEFAULT = re.compile(r"\$\{(\w+):-([^}]*)\}")
+
+
+def test_nats_wants_credentials_and_keeps_monitoring_inside(services):
+    """NATS runs with the per-role users of observability/nats/nats.conf (tests/test_security.py
+    checks that file against the embedded server's); every password comes from the environment,
+    and neither monitoring nor NATS itself is published beyond this host."""
+    nats_service = services["nats"]
+    command = [str(c) for c in nats_service["command"]]
+    assert command[command.index("-c") + 1] == "/etc/nats/nats.conf"
+    assert "-m" not in command and "--http_port" not in command
+    for entry in nats_service.get("ports") or []:
+        assert str(entry).startswith("127.0.0.1:"), f"nats publishes {entry} beyond loopback"
+    conf = (REPO / "observability" / "nats" / "nats.conf").read_text()
+    wanted = set(re.findall(r"\$(NATS_\w+_PASSWORD)", conf))
+    assert wanted == {"NATS_EDGE_PASSWORD", "NATS_WORKER_PASSWORD", "NATS_ADMIN_PASSWORD"}
+    assert set(_env(nats_service)) >= wanted
+    for name, user in (("edge", "edge"), ("worker", "worker")):
+        env = _env(services[name])
+        assert env["NATS_USER"] == user, name
+        password = _DEFAULT.fullmatch(env["NATS_PASSWORD"])
+        assert password and password.group(1) == f"NATS_{user.upper()}_PASSWORD", name
+    for value in _env(nats_service).values():  # placeholders, overridable, never blank
+        match = _DEFAULT.fullmatch(value)
+        assert match and match.group(2).startswith("change-me"), value
+
+
+def test_grafana_wants_a_login(services):
+    env = _env(services["grafana"])
+    assert env["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
+    assert "GF_AUTH_DISABLE_LOGIN_FORM" not in env
+    password = _DEFAULT.fullmatch(env["GF_SECURITY_ADMIN_PASSWORD"])
+    assert password and password.group(1) == "GRAFANA_ADMIN_PASSWORD"

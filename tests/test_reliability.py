@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
 
 import aiohttp
 import psutil
@@ -335,8 +336,16 @@ async def test_an_answered_segment_is_not_kept_as_dead(nc: NATS) -> None:
 # --- (b) a worker killed mid-inference ------------------------------------------
 
 
+@pytest.fixture
+async def one_segment_edge(nc: NATS, nats_server) -> AsyncIterator[RunningEdge]:  # type: ignore[no-untyped-def]
+    """An edge without early finals: an utterance with short pauses inside is one queued
+    segment (no candidate at each pause), so the queue's counters count its deliveries."""
+    async with run_edge(nats_server.url, require_workers=False, early_finals=False) as running:
+        yield running
+
+
 async def test_worker_killed_mid_inference(
-    edge: RunningEdge, nc: NATS, http, spawn_worker, make_test_speech
+    one_segment_edge: RunningEdge, nc: NATS, http, spawn_worker, make_test_speech
 ) -> None:  # type: ignore[no-untyped-def]
     """SIGKILL the worker transcribing a segment: the segment is redelivered once its
     lease (ack_wait, 10 s since the delivery or the last in-progress ack) runs out,
@@ -345,7 +354,7 @@ async def test_worker_killed_mid_inference(
     speech = make_test_speech(SENTENCES[:4], gap_s=0.3)  # one long utterance: ~10 s of audio
     first = await spawn_worker(ESCAPEMENT_BEAM_SIZE="5").ready()  # slower: easier to catch mid-job
     streaming = asyncio.create_task(
-        stream_audio(http, edge.url, speech.pcm, speech.sample_rate, realtime=False)
+        stream_audio(http, one_segment_edge.url, speech.pcm, speech.sample_rate, realtime=False)
     )
     await in_the_model(js, first)
     first.kill()
@@ -378,14 +387,14 @@ async def test_worker_killed_mid_inference(
 
 @pytest.mark.parametrize("grace", ["finish", "hand back"])
 async def test_sigterm_finishes_or_hands_back_in_flight_work(
-    edge: RunningEdge, nc: NATS, http, spawn_worker, make_test_speech, grace: str
+    one_segment_edge: RunningEdge, nc: NATS, http, spawn_worker, make_test_speech, grace: str
 ) -> None:  # type: ignore[no-untyped-def]
     js = nc.jetstream()
     speech = make_test_speech(SENTENCES[:4], gap_s=0.3)
     env = {"ESCAPEMENT_SHUTDOWN_GRACE_S": "20" if grace == "finish" else "0.05"}
     worker = await spawn_worker(**env).ready()
     streaming = asyncio.create_task(
-        stream_audio(http, edge.url, speech.pcm, speech.sample_rate, realtime=False)
+        stream_audio(http, one_segment_edge.url, speech.pcm, speech.sample_rate, realtime=False)
     )
     await in_the_model(js, worker)  # the worker waiting for a free slot meanwhile
     worker.terminate()

@@ -8,10 +8,15 @@ import time
 import aiohttp
 import pytest
 
+from jetstream import subjects
 from schemas import device as ev
+from schemas.device import REASON_HEADER
+from schemas.pipeline import Segment, decode_record
 from services.cli.client import stream_audio
 from services.edge.auth import mint_token
-from tests.support import first_segment_queued, run_edge, run_worker, until, wer
+from services.edge.publisher import PublishFailure, SegmentPublisher
+from services.edge.resume import RESUME_HEADER
+from tests.support import active_sessions, first_segment_queued, run_edge, run_worker, until, wer
 
 pytestmark = pytest.mark.slow
 
@@ -152,3 +157,164 @@ async def test_edge_shutdown_delivers_owed_finals_then_going_away(
             await stopping
             assert sorted(finals) == [0, 1]
             assert ws.close_code == 1001
+
+
+def pieces(speech) -> list[bytes]:  # type: ignore[no-untyped-def]
+    """Each sentence with the silence after it (enough for its utterance to end)."""
+    rate, out = speech.sample_rate, []
+    for i, (_, end) in enumerate(speech.spans):
+        start = 0 if i == 0 else speech.spans[i - 1][1]
+        out.append(speech.pcm[int(start * rate) * 2 : int((end + 0.9) * rate) * 2])
+    return out
+
+
+async def refused_with(http: aiohttp.ClientSession, url: str, **kwargs: object) -> tuple[int, str]:
+    with pytest.raises(aiohttp.WSServerHandshakeError) as caught:
+        await http.ws_connect(url, **kwargs)  # type: ignore[arg-type]
+    headers = caught.value.headers or {}
+    return caught.value.status, headers.get(REASON_HEADER, "")
+
+
+async def test_a_used_resume_token_cannot_take_over_a_live_session(
+    nats_server, nc, engine, make_test_speech
+) -> None:  # type: ignore[no-untyped-def]
+    speech = make_test_speech([SENTENCES[0]])
+    acme = mint_token(SECRET.encode(), "acme", 600)
+    async with (
+        run_worker(nats_server.url, engine),
+        run_edge(nats_server.url, auth_enabled=True, auth_secret=SECRET) as edge,
+    ):
+        url = f"{edge.url}/v1/stream?pace=fast&token={acme}"
+        first = aiohttp.ClientSession()
+        ws = await first.ws_connect(url)
+        started = await next_event(ws, ev.SessionStarted)
+        await first.close()  # the network goes away
+        async with aiohttp.ClientSession() as http:
+            # the device resumes (header), and gets a new token: the old one is spent
+            live = await http.ws_connect(
+                f"{url}&last_segment=-1", headers={RESUME_HEADER: started.resume_token}
+            )
+            again = await next_event(live, ev.SessionStarted)
+            assert again.session_id == started.session_id
+            assert again.resume_token != started.resume_token
+            # whoever saw the old token (in a log, a URL) cannot take the live session over
+            stolen = started.resume_token
+            assert await refused_with(http, f"{url}&resume={stolen}") == (401, "resume_token_used")
+            assert await refused_with(http, url, headers={RESUME_HEADER: stolen}) == (
+                401,
+                "resume_token_used",
+            )
+            # the live socket was not touched: it still transcribes
+            await live.send_bytes(pieces(speech)[0])
+            final = await next_event(live, ev.Final, segment=0)
+            assert wer(speech.text, final.text) <= 0.25, final.text
+            assert not live.closed
+            await live.send_str(ev.encode_control(ev.CloseStream()))
+            _ = [m async for m in live]
+            assert live.close_code == 1000
+
+
+async def test_double_resume_keeps_next_segment_and_finals_true(
+    nats_server, nc, engine, http, make_test_speech
+) -> None:  # type: ignore[no-untyped-def]
+    """Edge A keeps a half-open socket while the device resumes on edge B and goes on; A's
+    late save must not move the session back, or the device's next resume reuses numbers
+    JetStream has seen (its new speech dropped as a duplicate, an old final shown for it)."""
+    sentences = [*SENTENCES, "set a timer for ten minutes please"]
+    speech = make_test_speech(sentences)
+    audio = pieces(speech)
+    acme = mint_token(SECRET.encode(), "acme", 600)
+    kv = await nc.jetstream().key_value(subjects.KV_SESSIONS)
+    seen: list[int] = []
+
+    async def next_segment(session_id: str) -> int:
+        seen.append(decode_record((await kv.get(session_id)).value or b"").next_segment)
+        return seen[-1]
+
+    auth = {"auth_enabled": True, "auth_secret": SECRET}
+    async with (
+        run_worker(nats_server.url, engine),
+        run_edge(nats_server.url, **auth) as edge_a,
+        run_edge(nats_server.url, **auth) as edge_b,
+    ):
+        query = f"/v1/stream?pace=fast&token={acme}"
+        old = await http.ws_connect(edge_a.url + query)  # stays open: half-open to the device
+        started = await next_event(old, ev.SessionStarted)
+        sid = started.session_id
+        await old.send_bytes(audio[0])
+        await next_event(old, ev.Final, segment=0)
+
+        on_b = aiohttp.ClientSession()
+        ws_b = await on_b.ws_connect(
+            f"{edge_b.url}{query}&last_segment=0", headers={RESUME_HEADER: started.resume_token}
+        )
+        resumed = await next_event(ws_b, ev.SessionStarted)
+        for n in (1, 2):
+            await ws_b.send_bytes(audio[n])
+            final = await next_event(ws_b, ev.Final, segment=n)
+            assert wer(sentences[n], final.text) <= 0.3, final.text
+        await until(lambda: next_segment(sid), 10, "B saved segment 2", every=0.1)
+        assert await next_segment(sid) == 3
+
+        await old.close()  # A's socket finally goes: A saves where it thinks the session is
+        await until(lambda: _none_active(http, edge_a), 20, "A closed its socket")
+        assert await next_segment(sid) == 3, "a stale save moved the session back"
+
+        await on_b.close()  # and the device loses B too
+        await until(lambda: _none_active(http, edge_b), 20, "B closed its socket")
+        async with http.ws_connect(
+            f"{edge_a.url}{query}&last_segment=2", headers={RESUME_HEADER: resumed.resume_token}
+        ) as ws:
+            await next_event(ws, ev.SessionStarted)
+            await ws.send_bytes(audio[3])
+            final = await next_event(ws, ev.Final)
+            assert final.segment == 3 and wer(sentences[3], final.text) <= 0.3, final
+            await ws.send_str(ev.encode_control(ev.CloseStream()))
+            rest = [ev.decode_event(m.data) async for m in ws]
+            assert not [e for e in rest if isinstance(e, ev.Error)], rest
+    assert seen == sorted(seen), f"next_segment went back: {seen}"
+
+
+async def _none_active(http: aiohttp.ClientSession, edge) -> bool:  # type: ignore[no-untyped-def]
+    return await active_sessions(http, edge) == 0
+
+
+async def test_a_segment_number_another_socket_queued_is_reported_not_dropped(nc) -> None:  # type: ignore[no-untyped-def]
+    """Two sockets of one session queue the same segment number: JetStream keeps the first
+    (Nats-Msg-Id dedup); the second publisher says so instead of counting it as queued."""
+    failures: list[PublishFailure] = []
+    published: list[int] = []
+
+    async def on_published(segment: Segment) -> None:
+        published.append(segment.segment)
+
+    def publisher() -> SegmentPublisher:
+        return SegmentPublisher(
+            nc.jetstream(),
+            outage_buffer_s=5,
+            publish_timeout_s=2,
+            buffer_bytes=1 << 20,
+            on_failure=failures.append,
+            on_published=on_published,
+        )
+
+    pcm = b"\x01\x00" * 16000
+    first, second = publisher(), publisher()
+    for pub, text in ((first, b"old"), (second, b"new")):
+        pub.enqueue(
+            Segment(
+                session_id="sess-dup",
+                edge_id="edge-1",
+                segment=4,
+                start_ms=0,
+                end_ms=1000,
+                sample_rate=16000,
+                pcm=pcm + text,
+            )  # fmt: skip
+        )
+        pub.close()
+        await asyncio.wait_for(pub.run(), timeout=10)
+    assert published == [4]  # only the first counts as queued
+    [failure] = failures
+    assert failure.code == "duplicate_segment" and failure.segment.segment == 4
+    assert second.duplicates == 1 and first.duplicates == 0

@@ -1,8 +1,9 @@
 """The session timeline: numbered chunks in, PCM in capture order out.
 
 What a listener would notice: audio arrives byte-exact and in order whatever
-the network did to it, and a lost chunk becomes silence of its own length, so
-every later timestamp stays true.
+the network did to it (within the jitter buffer, measured in audio time), and a
+lost chunk becomes silence of its own length, so every later timestamp stays
+true; the device is told where (`Gap`) and how many chunks came late.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from loadtest.speech import SENTENCES, make_speech
-from schemas.device import AudioChunk
+from schemas.device import AudioChunk, ChunkStats, Gap
 from services.edge.timeline import Timeline
 
 RATE = 16000
@@ -98,25 +99,37 @@ def test_a_duplicate_of_a_held_chunk_is_dropped(pcm: bytes) -> None:
     assert tl.stats.duplicates == 1 and tl.stats.reordered == 1
 
 
-@pytest.mark.parametrize("window", [1, 4, 8])
-def test_reordering_within_the_window_is_repaired(pcm: bytes, window: int) -> None:
+@pytest.mark.parametrize(("window", "jitter_ms"), [(1, 40), (4, 100), (9, 200), (4, 81)])
+def test_reordering_within_the_window_is_repaired(pcm: bytes, window: int, jitter_ms: int) -> None:
     chunks = chunked(pcm)
     # every block of window+1 chunks arrives back to front: the first of each
-    # block waits behind `window` later ones, the most the timeline holds
+    # block is overtaken by `window` later ones, less than jitter_ms of audio
     arrivals = []
     for i in range(0, len(chunks), window + 1):
         arrivals += reversed(chunks[i : i + window + 1])
     arrivals.remove(chunks[0])
     arrivals.insert(0, chunks[0])  # the stream's first chunk comes first
-    tl = Timeline(RATE, reorder_chunks=window)
+    tl = Timeline(RATE, jitter_ms=jitter_ms)
     assert deliver(tl, arrivals) == pcm
     assert (tl.stats.lost, tl.stats.late, tl.stats.duplicates) == (0, 0, 0)
     assert tl.stats.reordered > 0
+    assert [r for r in tl.reports(0.0) if isinstance(r, Gap)] == []
+
+
+def test_a_chunk_overtaken_by_jitter_ms_of_audio_is_late(pcm: bytes) -> None:
+    """200 ms: chunk 1 is waited for until chunk 11 (starting 200 ms after it) arrives."""
+    c = chunked(pcm)
+    tl = Timeline(RATE, jitter_ms=200)
+    assert tl.push(c[0]) == [c[0].pcm]
+    assert [tl.push(c[k]) for k in range(2, 11)] == [[]] * 9  # 9 chunks held: 180 ms
+    assert tl.push(c[11]) == [bytes(CHUNK)] + [c[k].pcm for k in range(2, 12)]
+    assert tl.push(c[1]) == []
+    assert (tl.stats.lost, tl.stats.late) == (1, 1)
 
 
 def test_a_held_chunk_goes_out_as_soon_as_the_gap_closes(pcm: bytes) -> None:
     c = chunked(pcm)
-    tl = Timeline(RATE, reorder_chunks=8)
+    tl = Timeline(RATE)
     assert tl.push(c[0]) == [c[0].pcm]
     for k in (2, 3, 4):
         assert tl.push(c[k]) == []
@@ -127,7 +140,7 @@ def test_a_held_chunk_goes_out_as_soon_as_the_gap_closes(pcm: bytes) -> None:
 def test_a_lost_chunk_becomes_silence_of_its_length(pcm: bytes, capture: bool) -> None:
     chunks = chunked(pcm, capture=capture)
     lost = {5, 40, 41, 42, len(chunks) // 2}
-    tl = Timeline(RATE, reorder_chunks=4)
+    tl = Timeline(RATE, jitter_ms=80)
     out = deliver(tl, [c for c in chunks if c.seq not in lost])
     assert len(out) == len(pcm)  # every later timestamp stays true
     for c in chunks:
@@ -138,9 +151,9 @@ def test_a_lost_chunk_becomes_silence_of_its_length(pcm: bytes, capture: bool) -
 
 
 def test_loss_is_given_up_once_the_window_is_full(pcm: bytes) -> None:
-    """No flush needed: holding more than reorder_chunks releases the gap as silence."""
+    """No flush needed: a chunk starting jitter_ms past the gap releases it as silence."""
     c = chunked(pcm)
-    tl = Timeline(RATE, reorder_chunks=3)
+    tl = Timeline(RATE, jitter_ms=80)
     assert tl.push(c[0]) == [c[0].pcm]
     assert [tl.push(c[k]) for k in (2, 3, 4)] == [[], [], []]
     assert tl.push(c[5]) == [bytes(CHUNK)] + [c[k].pcm for k in (2, 3, 4, 5)]
@@ -156,7 +169,7 @@ def test_capture_ms_sizes_a_lost_chunk_the_chunk_size_cannot(pcm: bytes) -> None
         chunks.append(AudioChunk(seq=seq, pcm=pcm[t * 32 : t * 32 + n], capture_ms=t))
         t += ms
     sent = b"".join(c.pcm for c in chunks)
-    tl = Timeline(RATE, reorder_chunks=2)
+    tl = Timeline(RATE, jitter_ms=40)
     out = deliver(tl, [c for c in chunks if c.seq != 3])
     assert len(out) == len(sent)
     gap = slice(60 * 32, 160 * 32)
@@ -168,7 +181,7 @@ def test_capture_ms_sizes_a_lost_chunk_the_chunk_size_cannot(pcm: bytes) -> None
 def test_without_capture_ms_a_lost_chunk_is_sized_like_the_others(pcm: bytes) -> None:
     chunks = chunked(pcm)
     del chunks[7:10]  # three in a row
-    tl = Timeline(RATE, reorder_chunks=2)
+    tl = Timeline(RATE, jitter_ms=40)
     out = deliver(tl, chunks)
     assert len(out) == len(pcm)
     assert all(silence_at(out, k) for k in (7, 8, 9))
@@ -177,7 +190,7 @@ def test_without_capture_ms_a_lost_chunk_is_sized_like_the_others(pcm: bytes) ->
 
 def test_a_late_chunk_after_its_gap_was_filled_is_dropped_and_counted(pcm: bytes) -> None:
     c = chunked(pcm)
-    tl = Timeline(RATE, reorder_chunks=2)
+    tl = Timeline(RATE, jitter_ms=60)
     out = tl.push(c[0]) + tl.push(c[2]) + tl.push(c[3]) + tl.push(c[4])
     assert out == [c[0].pcm, bytes(CHUNK), c[2].pcm, c[3].pcm, c[4].pcm]
     assert tl.push(c[1]) == []  # too late: its place is already silence
@@ -198,7 +211,7 @@ def test_a_chunk_from_before_the_first_is_late(pcm: bytes) -> None:
 
 def test_flush_gives_up_on_every_gap(pcm: bytes) -> None:
     c = chunked(pcm)
-    tl = Timeline(RATE, reorder_chunks=8)
+    tl = Timeline(RATE)
     out = [p for k in (0, 1, 3, 4, 7) for p in tl.push(c[k])]
     assert out == [c[0].pcm, c[1].pcm]  # 3, 4 and 7 wait for their gaps
     assert tl.flush() == [bytes(CHUNK), c[3].pcm, c[4].pcm, bytes(2 * CHUNK), c[7].pcm]
@@ -214,6 +227,38 @@ def test_flush_with_nothing_held_is_empty() -> None:
     assert tl.flush() == []
     assert tl.push(AudioChunk(seq=0, pcm=bytes(CHUNK))) == [bytes(CHUNK)]
     assert tl.flush() == []
+
+
+def test_gaps_and_late_chunks_are_reported(pcm: bytes) -> None:
+    """A `Gap` for each silence filled, where it is on the session timeline; late and
+    duplicate chunks in `ChunkStats`, at most once a second, and always at the end."""
+    c = chunked(pcm)
+    tl = Timeline(RATE, jitter_ms=40, start_ms=5000)  # a resumed session: 5 s before
+    for k in (0, 1, 4, 5, 6):  # 2 and 3 lost
+        tl.push(c[k])
+    assert tl.reports(10.0) == [Gap(t_ms=5040, lost_ms=40, lost_chunks=2, first_seq=2)]
+    assert tl.reports(10.0) == []  # each reported once
+    tl.push(c[2])  # late
+    (stats,) = tl.reports(10.1)
+    assert isinstance(stats, ChunkStats) and (stats.late, stats.duplicates) == (1, 0)
+    tl.push(c[3])
+    tl.push(c[5])
+    assert tl.reports(10.5) == []  # within a second of the last
+    (stats,) = tl.reports(11.2)
+    assert (stats.late, stats.duplicates, stats.lost_chunks, stats.lost_ms) == (2, 1, 2, 40)
+    assert tl.reports(12.5) == []  # nothing new
+    (stats,) = tl.reports(12.6, final=True)
+    assert (stats.chunks, stats.reordered) == (8, 1)
+
+
+def test_tiny_chunks_are_held_in_bounded_number() -> None:
+    """One-sample chunks behind a gap: the buffer gives up after max_held chunks."""
+    tl = Timeline(RATE, jitter_ms=2000, max_held=64)
+    tl.push(AudioChunk(seq=0, pcm=bytes(2)))
+    for seq in range(2, 200):
+        tl.push(AudioChunk(seq=seq, pcm=bytes(2)))
+        assert len(tl._pending) <= 64
+    assert tl.stats.lost == 1
 
 
 # --- property: whatever the network does --------------------------------------
@@ -232,7 +277,7 @@ def network(draw: st.DrawFn) -> dict:
     return {
         "arrivals": [s for _, s in sorted(keyed)],
         "window": window,
-        "reorder_chunks": draw(st.integers(0, 10)),
+        "jitter_ms": draw(st.integers(0, 400)),
         "chunk_ms": draw(st.integers(1, 40)),
         "capture": draw(st.booleans()),
         "lost": lost,
@@ -249,8 +294,15 @@ def test_every_byte_lands_at_its_place(net: dict) -> None:
         capture_ms = seq * net["chunk_ms"] if net["capture"] else None
         return AudioChunk(seq=seq, pcm=pcm, capture_ms=capture_ms)
 
-    tl = Timeline(RATE, reorder_chunks=net["reorder_chunks"])
-    out = deliver(tl, [chunk(s) for s in net["arrivals"]])
+    tl = Timeline(RATE, jitter_ms=net["jitter_ms"])
+    held = 0  # the most audio the buffer held at once
+    out_parts = []
+    for s in net["arrivals"]:
+        out_parts += tl.push(chunk(s))
+        held = max(held, tl._pending_bytes)
+    out = b"".join(out_parts + tl.flush())
+    # bounded: jitter_ms of audio (and the chunk that ends it) at most
+    assert held < tl.jitter_bytes + size
 
     top = max(net["arrivals"])
     assert len(out) == (top + 1) * size
@@ -262,7 +314,7 @@ def test_every_byte_lands_at_its_place(net: dict) -> None:
         else:
             assert place == bytes(size), f"chunk {seq}: neither its bytes nor silence"
     assert delivered <= set(net["arrivals"])
-    if not net["lost"] and net["window"] <= net["reorder_chunks"]:
+    if not net["lost"] and (net["window"] - 1) * net["chunk_ms"] < net["jitter_ms"]:
         assert delivered == set(range(top + 1))  # repaired, byte-exact
 
     s = tl.stats
@@ -272,3 +324,9 @@ def test_every_byte_lands_at_its_place(net: dict) -> None:
     assert s.silence_ms == pytest.approx(s.lost * net["chunk_ms"])
     assert s.late == sum(1 for a in arrivals if a not in delivered)
     assert s.duplicates == sum(arrivals.count(d) - 1 for d in delivered)
+    # every silence filled was reported, where it is on the timeline
+    gaps = [r for r in tl.reports(0.0) if isinstance(r, Gap)]
+    assert sum(g.lost_chunks for g in gaps) == s.lost
+    for g in gaps:
+        assert g.t_ms == g.first_seq * net["chunk_ms"]
+        assert g.lost_ms == g.lost_chunks * net["chunk_ms"]

@@ -219,6 +219,7 @@ DELEGATED = {
     "loadtest": ("loadtest.cli", "drive load at a running Escapement and report"),
     "dlq": ("services.cli.dlq", "list and replay dead-lettered segments"),
     "status": ("services.cli.status", "queue, workers, throughput and latency on one screen"),
+    "workers": ("services.cli.workers", "read or swap the workers' engine chains, live"),
 }
 
 

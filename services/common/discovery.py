@@ -1,9 +1,16 @@
-"""Count live services through NATS micro discovery (`$SRV.PING.<name>`)."""
+"""Count live services through NATS micro discovery (`$SRV.PING.<name>`).
+
+Workers say in their discovery metadata which model they run and which
+languages it speaks (`model`, `languages`, `multilingual`); the edge keeps the
+latest answers (`last_seen`) to refuse a language nobody speaks up front.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import weakref
+from dataclasses import dataclass
 
 from nats.aio.client import Client as NATS
 
@@ -28,4 +35,49 @@ async def ping_services(nc: NATS, name: str, wait: float = 0.25) -> list[dict[st
         await asyncio.sleep(wait)
     finally:
         await sub.unsubscribe()
+    _seen.setdefault(nc, {})[name] = replies
     return replies
+
+
+# The latest answers per connection and service name: the edge's admission pings the
+# workers every second, and a session's checks read what it heard, at no cost.
+_seen: weakref.WeakKeyDictionary[NATS, dict[str, list[dict[str, object]]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def last_seen(nc: NATS, name: str) -> list[dict[str, object]]:
+    """What the latest `ping_services(nc, name)` heard ([] before the first)."""
+    return list(_seen.get(nc, {}).get(name, []))
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerLanguages:
+    """What a worker's model can transcribe, from its discovery metadata."""
+
+    model: str
+    engine: str
+    languages: tuple[str, ...] | None  # None: the worker does not say
+    multilingual: bool
+
+    @classmethod
+    def of(cls, reply: dict[str, object]) -> WorkerLanguages:
+        meta = reply.get("metadata")
+        meta = meta if isinstance(meta, dict) else {}
+        listed = meta.get("languages")
+        return cls(
+            model=str(meta.get("model") or ""),
+            engine=str(meta.get("engine") or ""),
+            languages=tuple(str(listed).split(",")) if isinstance(listed, str) and listed else None,
+            multilingual=meta.get("multilingual") == "true",
+        )
+
+    def describe(self) -> str:
+        name = self.model or self.engine or "unknown model"
+        if self.multilingual or self.languages is None:
+            return name
+        return f"{name} speaks only {', '.join(self.languages)}"
+
+
+def worker_languages(replies: list[dict[str, object]]) -> list[WorkerLanguages]:
+    return [WorkerLanguages.of(r) for r in replies]

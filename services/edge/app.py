@@ -8,7 +8,7 @@ import json
 import logging
 import secrets
 from collections import Counter
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,14 +24,15 @@ from jetstream.setup import apply_all
 from observability.metrics import ATTR_REASON, Metrics
 from schemas.device import REASON_HEADER
 from schemas.pipeline import ResultMessage, SessionRecord
+from services.common.discovery import last_seen, worker_languages
 from services.common.metrics_http import metrics_handler
 from services.common.natsconn import connect
-from services.edge import dashboard, health, probe, queue_view, resume
+from services.edge import dashboard, deepgram, health, probe, queue_view, resume, transcriptions
 from services.edge.admission import Admission, AdmissionConfig
 from services.edge.auth import Authenticator, AuthError, load_api_keys, mint_resume_token
-from services.edge.params import BadRequest, StreamParams, parse_stream_params
+from services.edge.params import BadRequest, StreamParams, check_language, parse_stream_params
 from services.edge.router import ResultRouter
-from services.edge.session import Session, SessionCounters
+from services.edge.session import Dialect, Session, SessionCounters
 from services.edge.settings import EdgeSettings
 from services.edge.store import ResumeRefused, SessionStore
 from services.edge.stream import StreamStart
@@ -91,6 +92,7 @@ secret_key = web.AppKey("secret", bytes)
 admission_key = web.AppKey("admission", Admission)
 store_key = web.AppKey("store", SessionStore)
 metrics_key = web.AppKey("metrics", Metrics)
+transcriptions_key = web.AppKey("transcriptions", transcriptions.Transcriptions)
 
 
 def refuse(
@@ -129,16 +131,37 @@ class Opening:
     resumed: bool
 
 
+Negotiate = Callable[[], tuple[StreamParams, EdgeSettings, Dialect | None]]
+
+
 async def stream_handler(request: web.Request) -> web.StreamResponse:
+    """`/v1/stream`: the native device protocol."""
+    settings = request.app[settings_key]
+    return await _accept(
+        request,
+        lambda: (parse_stream_params(request.query, settings.default_language), settings, None),
+    )
+
+
+async def listen_handler(request: web.Request) -> web.StreamResponse:
+    """`/v1/listen`: Deepgram's live-streaming protocol (services/edge/deepgram.py)."""
+    return await _accept(
+        request, lambda: deepgram.negotiate(request.query, request.app[settings_key])
+    )
+
+
+async def _accept(request: web.Request, negotiate: Negotiate) -> web.StreamResponse:
+    """Check the query, authenticate, admit and open a session, then serve its socket."""
     app = request.app
-    settings = app[settings_key]
     try:
-        params = parse_stream_params(request.query, settings.default_language)
+        params, settings, dialect = negotiate()
+        workers = worker_languages(last_seen(app[nats_key], subjects.WORKER_SERVICE))
+        params = check_language(params, workers)  # 400 for a language no worker speaks
         principal = app[auth_key].authenticate(request.headers, request.query)
         refusal = app[admission_key].check(principal.tenant)
         if refusal is not None:
             raise Refused(refusal.status, refusal.reason, refusal.message, refusal.retry_after)
-        opening = await _open(app, request.query, principal.tenant, params)
+        opening = await _open(app, request, principal.tenant, params)
     except BadRequest as exc:
         return refuse(request, 400, exc.reason, exc.message)
     except (AuthError, ResumeRefused, Refused) as exc:
@@ -163,18 +186,24 @@ async def stream_handler(request: web.Request) -> web.StreamResponse:
             record.tenant,
             record.session_id,
             settings.max_session_s + settings.resume_window_s,
+            jti=record.resume_id,  # single-use: the record names the one token that resumes it
         ),
+        dialect=dialect,
     )
     await _serve(request, ws, session, opening)
     return ws
 
 
 async def _open(
-    app: web.Application, query: Mapping[str, str], tenant: str, params: StreamParams
+    app: web.Application, request: web.Request, tenant: str, params: StreamParams
 ) -> Opening:
-    """A new session's record, or a resumed one's with what its device missed."""
+    """A new session's record, or a resumed one's with what its device missed.
+
+    A resume token comes in the `X-Escapement-Resume` header (preferred) or `?resume=`;
+    it is checked (and must be the session's current one) before a live socket of the
+    session is touched."""
     edge_id = app[edge_id_key]
-    token = query.get("resume")
+    token = resume.token_of(request.headers, request.query)
     if not token:
         record = SessionRecord(
             session_id=secrets.token_urlsafe(12),
@@ -183,27 +212,30 @@ async def _open(
             sample_rate=params.sample_rate,
             language=params.language,
             framing=params.framing,
+            resume_id=resume.new_token_id(),
         )
         return Opening(record, StreamStart(), [], resumed=False)
     settings = app[settings_key]
-    try:
-        session_id = resume.session_of(app[secret_key], token, tenant)
+
+    async def retire(session_id: str) -> None:
         await _retire(app[router_key].sessions.get(session_id), settings)
-        plan = await resume.load(
+
+    try:
+        plan = await resume.take_over(
             app[nats_key].jetstream(),
             app[store_key],
             app[secret_key],
             token,
             tenant,
-            query.get("last_segment", "-1"),
+            request.query.get("last_segment", "-1"),
             settings.resume_window_s,
+            edge_id,
+            retire,
         )
     except ValueError:
         raise Refused(400, "bad_last_segment", "last_segment must be an integer") from None
     except (NatsError, TimeoutError):
         raise Refused(503, "nats_unavailable", "session store unreachable", 2) from None
-    plan.record.edge_id = edge_id
-    plan.record.state = "open"
     return Opening(plan.record, plan.start, plan.missed, resumed=True)
 
 
@@ -424,15 +456,28 @@ def create_app(settings: EdgeSettings) -> web.Application:
     app[stats_key] = EdgeStats()
     app[metrics_key] = Metrics()
     app[auth_key], app[secret_key] = _auth_setup(settings)
+    app[transcriptions_key] = transcriptions.Transcriptions()
     app.cleanup_ctx.append(_nats_ctx(settings))
     app.cleanup_ctx.append(queue_view.context(nats_key, edge_id_key, admission_key))
     app.on_shutdown.append(_drain_sessions)
     app.router.add_get("/v1/stream", stream_handler)
+    app.router.add_get("/v1/listen", listen_handler)
     app.router.add_get("/v1/stats", stats_handler)
     app.router.add_routes(health.routes(admission_key, edge_id_key))
     app.router.add_get("/", index)
     app.router.add_get("/metrics", metrics_handler)
     app.router.add_routes(dashboard.routes(stats_key, admission_key, metrics_key, edge_id_key))
     app.router.add_routes(probe.routes(auth_key, admission_key))
+    uploads = transcriptions.Keys(
+        settings_key,
+        nats_key,
+        router_key,
+        edge_id_key,
+        auth_key,
+        admission_key,
+        metrics_key,
+        transcriptions_key,
+    )
+    app.router.add_routes(transcriptions.routes(uploads))  # POST /v1/audio/transcriptions
     app.router.add_static("/static", STATIC)
     return app

@@ -26,7 +26,9 @@ import msgspec
 
 TOKEN_PREFIX = "esc1"
 MIN_SECRET_BYTES = 16
+MIN_SECRET_DISTINCT = 8  # "aaaa...", "0101...": long but guessable
 MAX_TOKEN_CHARS = 2048
+MAX_TTL_S = 24 * 3600.0  # the longest life a token is minted with
 TENANT_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _HASH_RE = re.compile(r"[0-9a-f]{64}")
 _TOKEN_RE = re.compile(rf"{TOKEN_PREFIX}\.([A-Za-z0-9_-]+)\.([A-Za-z0-9_-]+)")
@@ -40,6 +42,7 @@ class TokenPayload(msgspec.Struct, frozen=True, omit_defaults=True):
     exp: float  # unix seconds
     kind: TokenKind
     session: str | None = None  # resume tokens only
+    jti: str | None = None  # resume tokens: its id, single-use (the session record names it)
 
 
 class Principal(msgspec.Struct, frozen=True):
@@ -114,9 +117,18 @@ def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
+def check_secret(secret: bytes) -> None:
+    """ValueError for a token secret too short or too repetitive to be one."""
+    if len(secret) < MIN_SECRET_BYTES or len(set(secret)) < MIN_SECRET_DISTINCT:
+        raise ValueError(
+            f"token secret must be at least {MIN_SECRET_BYTES} bytes with "
+            f"{MIN_SECRET_DISTINCT} different ones (e.g. python -c "
+            "'import secrets; print(secrets.token_urlsafe(32))')"
+        )
+
+
 def _mac(secret: bytes, signing_input: str) -> str:
-    if len(secret) < MIN_SECRET_BYTES:
-        raise ValueError(f"token secret must be at least {MIN_SECRET_BYTES} bytes")
+    check_secret(secret)
     return _b64(hmac.new(secret, signing_input.encode("ascii"), hashlib.sha256).digest())
 
 
@@ -127,13 +139,14 @@ def _mint(
     now: float | None,
     kind: TokenKind,
     session: str | None = None,
+    jti: str | None = None,
 ) -> str:
     if not TENANT_RE.fullmatch(tenant):
         raise ValueError("tenant must match [A-Za-z0-9_-]{1,64}")
-    if not ttl_s > 0:
-        raise ValueError("ttl_s must be positive")
+    if not 0 < ttl_s <= MAX_TTL_S:
+        raise ValueError(f"ttl_s must be positive and at most {MAX_TTL_S:g} s (24 h)")
     exp = (time.time() if now is None else now) + ttl_s
-    payload = TokenPayload(tenant=tenant, exp=exp, kind=kind, session=session)
+    payload = TokenPayload(tenant=tenant, exp=exp, kind=kind, session=session, jti=jti)
     signing_input = f"{TOKEN_PREFIX}.{_b64(_encoder.encode(payload))}"
     return f"{signing_input}.{_mac(secret, signing_input)}"
 
@@ -147,11 +160,17 @@ def mint_token(
 
 
 def mint_resume_token(
-    secret: bytes, tenant: str, session_id: str, ttl_s: float, now: float | None = None
+    secret: bytes,
+    tenant: str,
+    session_id: str,
+    ttl_s: float,
+    now: float | None = None,
+    jti: str | None = None,
 ) -> str:
+    """`jti`: the token's id; the session record names the one id that may resume it."""
     if not session_id:
         raise ValueError("session_id must not be empty")
-    return _mint(secret, tenant, ttl_s, now, "resume", session_id)
+    return _mint(secret, tenant, ttl_s, now, "resume", session_id, jti)
 
 
 def verify_token(
@@ -178,12 +197,20 @@ def verify_token(
 
 def verify_resume_token(secret: bytes, token: str, tenant: str, now: float | None = None) -> str:
     """The session id of `tenant`'s resume token; AuthError for any other tenant's."""
+    return resume_claims(secret, token, tenant, now)[0]
+
+
+def resume_claims(
+    secret: bytes, token: str, tenant: str, now: float | None = None
+) -> tuple[str, str]:
+    """(session id, token id) of `tenant`'s resume token (id '' for a token minted
+    without one); AuthError for any other tenant's."""
     payload = verify_token(secret, token, kind="resume", now=now)
     if not payload.session:
         raise AuthError("invalid_credentials", "resume token without a session")
     if payload.tenant != tenant:
         raise AuthError("invalid_credentials", "resume token belongs to another tenant")
-    return payload.session
+    return payload.session, payload.jti or ""
 
 
 # --- the authenticator ------------------------------------------------------
@@ -191,8 +218,8 @@ def verify_resume_token(secret: bytes, token: str, tenant: str, now: float | Non
 
 class Authenticator:
     def __init__(self, secret: bytes, api_keys: Mapping[str, str], enabled: bool = True) -> None:
-        if enabled and len(secret) < MIN_SECRET_BYTES:
-            raise ValueError(f"token secret must be at least {MIN_SECRET_BYTES} bytes")
+        if enabled:
+            check_secret(secret)
         self._secret = secret
         self._keys = {digest.lower(): tenant for digest, tenant in api_keys.items()}
         self.enabled = enabled
@@ -205,7 +232,9 @@ class Authenticator:
         if header is not None:
             scheme, _, cred = header.strip().partition(" ")
             cred = cred.strip()
-            if scheme.lower() != "bearer" or not cred or any(c.isspace() for c in cred):
+            # "Token <key>": how Deepgram's SDKs send an API key (/v1/listen)
+            bad_scheme = scheme.lower() not in ("bearer", "token")
+            if bad_scheme or not cred or any(c.isspace() for c in cred):
                 raise AuthError(
                     "invalid_credentials", "malformed Authorization header; want 'Bearer <cred>'"
                 )

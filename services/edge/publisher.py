@@ -31,7 +31,8 @@ tracer = get_tracer("escapement.edge")
 @dataclass(frozen=True, slots=True)
 class PublishFailure:
     segment: Segment
-    code: str  # queue_refused | segment_too_large | publish_failed | publish_buffer_full
+    # queue_refused | segment_too_large | publish_failed | publish_buffer_full | duplicate_segment
+    code: str
     message: str
     overloaded: bool = False  # JetStream's own limits: tell the device `Overloaded`
 
@@ -59,11 +60,16 @@ class SegmentPublisher:
         self.buffer_bytes = buffer_bytes
         self.on_failure = on_failure
         self.on_published = on_published
-        self._queue: asyncio.Queue[_Queued | None] = asyncio.Queue()
+        self._queue: asyncio.Queue[_Queued | tuple[int, int] | None] = asyncio.Queue()
         self._bytes = 0
         self.published = 0
         self.retries = 0
         self.interims_dropped = 0
+        self.duplicates = 0
+        self.withdrawn = 0
+        # stream sequence of recent finals, by (number, revision): a void candidate
+        # still waiting for a worker can be taken back out of the queue
+        self._seqs: dict[tuple[int, int], int] = {}
 
     def enqueue(self, segment: Segment) -> None:
         size = len(segment.pcm) + len(segment.context_pcm)
@@ -77,6 +83,10 @@ class SegmentPublisher:
         self._bytes += size
         self._queue.put_nowait(_Queued(segment, time.monotonic()))
 
+    def withdraw(self, number: int, revision: int) -> None:
+        """A void candidate: taken back out of the queue, in order after its publish."""
+        self._queue.put_nowait((number, revision))
+
     def close(self) -> None:
         """No more segments: the task ends once the queue is empty."""
         self._queue.put_nowait(None)
@@ -87,6 +97,9 @@ class SegmentPublisher:
                 item = await self._queue.get()
                 if item is None:
                     return
+                if isinstance(item, tuple):
+                    await self._withdraw(*item)
+                    continue
                 try:
                     if item.segment.final:
                         await self._publish_final(item)
@@ -98,7 +111,7 @@ class SegmentPublisher:
             # out of time (the session is closing): whatever is still waiting is told, not lost
             while not self._queue.empty():
                 left = self._queue.get_nowait()
-                if left is not None and left.segment.final:
+                if isinstance(left, _Queued) and left.segment.final:
                     number = left.segment.segment
                     message = f"segment {number} could not be queued"
                     self.on_failure(PublishFailure(left.segment, "publish_failed", message))
@@ -112,6 +125,23 @@ class SegmentPublisher:
             )
         except (NatsError, TimeoutError) as exc:
             log.info("session %s: pending interims not purged: %r", session_id, exc)
+
+    async def _withdraw(self, number: int, revision: int) -> bool:
+        """Take a void candidate out of the queue if no worker has finished it yet
+        (a worker decoding it already is let be: its result is ignored)."""
+        seq = self._seqs.pop((number, revision), None)
+        if seq is None:
+            return False
+        try:
+            removed = await self.js.delete_msg(subjects.STREAM_SEGMENTS, seq)
+        except APIError as exc:  # already acked by a worker: gone from the work queue
+            log.debug("void segment %d-%d not withdrawn: %s", number, revision, exc.description)
+            return False
+        except (NatsError, TimeoutError) as exc:
+            log.info("void segment %d-%d not withdrawn: %r", number, revision, exc)
+            return False
+        self.withdrawn += bool(removed)
+        return bool(removed)
 
     async def _publish_interim(self, segment: Segment) -> None:
         subject = subjects.interims_subject(segment.edge_id, segment.session_id)
@@ -148,11 +178,25 @@ class SegmentPublisher:
             },
         ):
             inject_headers(headers)
+            retried = False  # a duplicate after a retry is our own earlier attempt, stored
             while True:
                 try:
                     left = self.outage_buffer_s - (time.monotonic() - item.queued_at)
                     timeout = max(1.0, min(self.publish_timeout_s, left))
-                    await self.js.publish(subject, payload, headers=headers, timeout=timeout)
+                    ack = await self.js.publish(subject, payload, headers=headers, timeout=timeout)
+                    if ack.duplicate and not retried:
+                        # Someone else queued this number first (another socket of the session):
+                        # JetStream dropped ours. Never silent: the device hears of it.
+                        self.duplicates += 1
+                        message = (
+                            f"segment {number} was already queued by another connection of "
+                            "this session; this audio was not queued"
+                        )
+                        self.on_failure(PublishFailure(segment, "duplicate_segment", message))
+                        return
+                    self._seqs[(number, segment.revision)] = ack.seq
+                    while len(self._seqs) > 64:
+                        del self._seqs[next(iter(self._seqs))]
                     break
                 except APIError as exc:  # JetStream's own limits (discard: new)
                     message = f"the queue refused segment {number}: {exc.description}"
@@ -170,6 +214,7 @@ class SegmentPublisher:
                         self.on_failure(PublishFailure(segment, "publish_failed", message))
                         return
                     self.retries += 1
+                    retried = True
                     await asyncio.sleep(min(0.5, self.outage_buffer_s - waited))
         self.published += 1
         await self.on_published(segment)

@@ -26,7 +26,7 @@ from services.edge.params import StreamParams
 from services.edge.publisher import PublishFailure, SegmentPublisher
 from services.edge.settings import EdgeSettings
 from services.edge.store import SessionStore
-from services.edge.stream import BadAudio, Output, StreamCore, StreamStart
+from services.edge.stream import BadAudio, Output, StreamCore, StreamStart, Withdraw
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,35 @@ class ProtocolError(Exception):
         super().__init__(reason)
         self.code = code
         self.reason = reason
+
+
+class Dialect:
+    """How a session speaks to its client; the default is the native protocol (`/v1/stream`).
+
+    `/v1/listen` speaks Deepgram's with a subclass (services/edge/deepgram.py). Each hook
+    returns the text frames to send, in order, on the session's one writer.
+    """
+
+    def render(self, event: ev.ServerEvent, core: StreamCore) -> list[str]:
+        """Frames for one event of the streaming core (always `SessionStarted` first)."""
+        return [ev.encode_event(event)]
+
+    def control(self, text: str) -> ev.ControlMessage | list[str]:
+        """A client text frame: a control message for the session to act on, or the
+        frames that answer it in full. Raises msgspec's errors for a bad one."""
+        return ev.decode_control(text)
+
+    def audio(self, data: bytes, core: StreamCore) -> list[str]:
+        """After a binary frame was fed to the core."""
+        return []
+
+    def finalized(self, core: StreamCore) -> list[str]:
+        """After a `Finalize` cut the utterance in progress."""
+        return []
+
+    def closing(self, code: int, reason: str, core: StreamCore) -> tuple[int, str, list[str]]:
+        """The close code and reason to send, and the frames to send before them."""
+        return code, reason, []
 
 
 @dataclass
@@ -68,8 +97,10 @@ class Session:
         resume_token: str,
         metrics: Metrics | None = None,
         start: StreamStart | None = None,
+        dialect: Dialect | None = None,
     ) -> None:
         self.ws = ws
+        self.dialect = dialect or Dialect()
         self.store = store
         self.settings = settings
         self.params = params
@@ -96,7 +127,7 @@ class Session:
             on_failure=self._publish_failed,
             on_published=self._published,
         )
-        self._outbox: asyncio.Queue[ev.ServerEvent | None] = asyncio.Queue()
+        self._outbox: asyncio.Queue[str | None] = asyncio.Queue()  # text frames
         self._changed = asyncio.Event()  # a result came in: the core may have settled
         self._tasks: list[asyncio.Task[None]] = []
         self.started = time.monotonic()
@@ -129,12 +160,19 @@ class Session:
     # --- core outputs -------------------------------------------------------------
 
     def send(self, event: ev.ServerEvent) -> None:
-        self._outbox.put_nowait(event)
+        self._queue(self.dialect.render(event, self.core))
+
+    def _queue(self, frames: list[str]) -> None:
+        for frame in frames:
+            self._outbox.put_nowait(frame)
 
     def _dispatch(self, outputs: list[Output]) -> None:
         for item in outputs:
             if isinstance(item, Segment):
                 self.publisher.enqueue(item)
+                continue
+            if isinstance(item, Withdraw):
+                self.publisher.withdraw(item.number, item.revision)
                 continue
             if isinstance(item, ev.Final):
                 self.counters.finals += 1
@@ -166,13 +204,13 @@ class Session:
 
     async def _writer(self) -> None:
         while True:
-            event = await self._outbox.get()
-            if event is None:
+            frame = await self._outbox.get()
+            if frame is None:
                 return
             if self.ws.closed:
                 continue  # keep draining so nobody waits on a dead socket
             try:
-                await self.ws.send_str(ev.encode_event(event))
+                await self.ws.send_str(frame)
             except ConnectionError:
                 log.info("session %s: socket gone while sending", self.id)
 
@@ -250,6 +288,8 @@ class Session:
             self.counters.publish_retries = self.publisher.retries
             if not self.superseded:
                 await self._save(state="closed" if self.closed_normally else "detached")
+            code, reason, last = self.dialect.closing(code, reason, self.core)
+            self._queue(last)
             self._outbox.put_nowait(None)
             await _finish(writer, 5.0)
             await self.abort(code, reason)
@@ -304,6 +344,7 @@ class Session:
         self.counters.bytes_in += len(data)
         fed = self.core.fed_bytes
         self._feed(data)
+        self._queue(self.dialect.audio(data, self.core))
         await self._pace(self.core.fed_bytes - fed)
 
     def _feed(self, data: bytes) -> None:
@@ -315,14 +356,17 @@ class Session:
     async def _on_control(self, text: str) -> bool:
         """Handle a control message; True when the session should close (CloseStream)."""
         try:
-            message = ev.decode_control(text)
+            message = self.dialect.control(text)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             self.send(
                 ev.Error(code="bad_control", message=f"unknown or malformed control message: {exc}")
             )
             return False
-        if isinstance(message, ev.Finalize):
+        if isinstance(message, list):  # answered in full by the dialect
+            self._queue(message)
+        elif isinstance(message, ev.Finalize):
             self._flush()
+            self._queue(self.dialect.finalized(self.core))
         elif isinstance(message, ev.CloseStream):
             self._flush()
             await self._wait_settled()

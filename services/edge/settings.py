@@ -14,16 +14,20 @@ class EdgeSettings(msgspec.Struct, frozen=True, kw_only=True):
     edge_id: str = ""  # generated when empty; [A-Za-z0-9_-]
     nats_creds: str = ""  # a .creds file (JWT + nkey) for NATS, if the server wants one
     stream_replicas: int = 0  # 0: as in jetstream/streams/*.json; 3 for an R3 cluster
-    default_language: str = "en"
+    # a session that names no language: "" detects it per utterance where the workers'
+    # model is multilingual (English-only models: en)
+    default_language: str = ""
     # VAD / utterance cutting
     vad_mode: int = 3
     preroll_ms: int = 300
     endpoint_ms: int = 500
-    trailing_pad_ms: int = 300
+    trailing_pad_ms: int = 210
     min_speech_ms: int = 150
     max_utterance_ms: int = 15000
     max_segment_bytes: int = 900_000  # audio per segment: under NATS's 1 MiB message limit
-    reorder_chunks: int = 8  # numbered chunks held to repair reordering
+    # numbered chunks (framing=msgpack): a missing one is waited for until audio this far
+    # past its place has arrived, then filled with silence (per session: ?jitter_ms=)
+    jitter_ms: int = 200
     # decoding context (services/edge/stream.py): committed text of earlier finals as
     # the prompt, and audio before a segment (from an earlier utterance's start)
     prompt_chars: int = 0  # committed text before the context, as a prompt (measured: off)
@@ -34,7 +38,7 @@ class EdgeSettings(msgspec.Struct, frozen=True, kw_only=True):
     prompt_wait_s: float = 3.0  # hold a segment this long for the results before it
     early_finals: bool = True  # decode at the pause, before the endpoint is confirmed
     interims: bool = True  # off here: off for every session; else per session (interim_results)
-    interim_first_ms: int = 600  # speech before the first interim look
+    interim_first_ms: int = 400  # speech before the first interim look
     interim_every_ms: int = 1000  # speech between interim looks
     # admission (new sessions only)
     backlog_high_per_worker: int = 8  # queued + in-flight segments per live worker
@@ -88,7 +92,7 @@ class EdgeSettings(msgspec.Struct, frozen=True, kw_only=True):
                 max_utterance_ms=min(settings.max_utterance_ms, window_ms),
                 announce_pauses=settings.early_finals,
             ),
-            reorder_chunks=settings.reorder_chunks,
+            jitter_ms=settings.jitter_ms if params.jitter_ms is None else params.jitter_ms,
             prompt_chars=settings.prompt_chars,
             context_ms=settings.context_ms,
             window_ms=window_ms,

@@ -51,7 +51,16 @@ from services.edge.vad import (
     VadConfig,
 )
 
-Output = ev.ServerEvent | Segment
+
+@dataclass(frozen=True, slots=True)
+class Withdraw:
+    """A queued candidate went void (speech resumed): take it back out of the queue."""
+
+    number: int
+    revision: int
+
+
+Output = ev.ServerEvent | Segment | Withdraw
 
 
 class BadAudio(ValueError):
@@ -65,7 +74,7 @@ LOOK_HOLD_MS = 90  # no interim look is asked for during this much trailing sile
 @dataclass(frozen=True, slots=True)
 class StreamConfig:
     vad: VadConfig = field(default_factory=VadConfig)
-    reorder_chunks: int = 8
+    jitter_ms: int = 200  # numbered chunks: how long a missing one is waited for (audio time)
     prompt_chars: int = 0  # committed text before the context, sent as the prompt (0: none)
     context_ms: int = 25000  # audio of earlier utterances sent as left context (0: none)
     # context + segment at most: Whisper sees 30 s, and a segment must fit a NATS message
@@ -73,7 +82,7 @@ class StreamConfig:
     prompt_wait_s: float = 3.0  # hold a segment this long for earlier results
     early_finals: bool = True  # publish a candidate at the pause, before the endpoint
     interims: bool = True
-    interim_first_ms: int = 600  # speech before the first interim look
+    interim_first_ms: int = 400  # speech before the first interim look
     interim_every_ms: int = 1000  # speech between interim looks
 
 
@@ -169,7 +178,7 @@ class StreamCore:
         self.offset_ms = start.position_ms
         self.segmenter = Segmenter(params.sample_rate, config.vad)
         self.timeline = (
-            Timeline(params.sample_rate, config.reorder_chunks)
+            Timeline(params.sample_rate, config.jitter_ms, start_ms=start.position_ms)
             if params.framing == "msgpack"
             else None
         )
@@ -199,6 +208,8 @@ class StreamCore:
         self.interim_published = 0
         self.interims_dropped = 0
         self.latencies_s: list[float] = []  # endpoint -> Final, of finals not yet collected
+        # language "" (detect): the language of the newest final so far, sent as the prior
+        self.session_language: tuple[int, str] = (-1, "")
 
     # --- time ---------------------------------------------------------------
 
@@ -248,6 +259,7 @@ class StreamCore:
             pieces = self.timeline.push(chunk)
         except TimelineGap as exc:
             raise BadAudio(str(exc)) from None
+        out.extend(self.timeline.reports(now))  # Gap / ChunkStats
         for pcm in pieces:
             out.extend(self.audio(pcm, now))
         return out
@@ -260,6 +272,7 @@ class StreamCore:
                 pieces = self.timeline.flush()
             except TimelineGap as exc:
                 raise BadAudio(str(exc)) from None
+            out.extend(self.timeline.reports(now, final=True))
             for pcm in pieces:
                 out.extend(self.audio(pcm, now))
         for event in self.segmenter.flush():
@@ -321,7 +334,7 @@ class StreamCore:
             if self.config.early_finals:
                 self._candidate = self._hold(event.utterance, now)
         elif isinstance(event, Resumed):
-            self._void_candidate()
+            self._void_candidate(out)
         elif isinstance(event, Utterance):
             number = self.next_segment
             self.next_segment += 1
@@ -335,7 +348,7 @@ class StreamCore:
                 self._candidate = None
                 self._confirm(candidate, now, out)
             else:
-                self._void_candidate()
+                self._void_candidate(out)
                 self._confirm(self._hold(event, now), now, out)
             if event.cut and self.config.interims:
                 self._interims = _Interims(self.next_segment)  # the speech goes on
@@ -343,15 +356,18 @@ class StreamCore:
                 self._interims = None
                 self._onset_ms = None
         elif isinstance(event, Discarded):
-            self._void_candidate()
+            self._void_candidate(out)
             self._interims = None
             self._onset_ms = None
             out.append(ev.SpeechEnded(t_ms=offset + event.end_ms, segment=None))
 
-    def _void_candidate(self) -> None:
-        if self._candidate is not None:
-            self._candidate.void = True  # unpublished: dropped; published: its result is
+    def _void_candidate(self, out: list[Output] | None = None) -> None:
+        candidate = self._candidate
+        if candidate is not None:
+            candidate.void = True  # unpublished: dropped; published: its result is ignored
             self._candidate = None
+            if out is not None and candidate not in self._held:
+                out.append(Withdraw(candidate.number, candidate.revision))
 
     def _hold(self, utterance: Utterance, now: float) -> _Held:
         """A new revision of the utterance in progress, queued behind earlier segments."""
@@ -413,6 +429,7 @@ class StreamCore:
             tenant=self.tenant,
             final=final,
             revision=revision,
+            session_language="" if self.params.language else self.session_language[1],
         )
 
     def _maybe_interim(self, out: list[Output]) -> None:
@@ -517,6 +534,8 @@ class StreamCore:
                 )
             )
             self._commit_text(number, result.text)
+            if result.language and result.text and number > self.session_language[0]:
+                self.session_language = (number, result.language)
         else:
             self._errored.add(number)
             out.append(ev.Error(code=result.code, message=result.message, segment=number))

@@ -34,7 +34,7 @@ from services.edge.app import LOOPBACK, EdgeConfigError, admission_key, create_a
 from services.edge.health import readiness
 from services.edge.server import serve
 from services.edge.settings import EdgeSettings
-from services.runtime.natsserver import NatsServer, NatsServerError
+from services.runtime.natsserver import NatsServer, NatsServerError, NatsUsers, write_private
 from services.runtime.procs import Child, spawn
 
 log = logging.getLogger("escapement.up")
@@ -175,23 +175,24 @@ async def _run(
 ) -> None:
     """Start everything, each part's stop pushed on `stack`; return when asked to stop."""
     data_dir = Path(settings.data_dir) if settings.data_dir else default_data_dir()
-    data_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(data_dir)
     nats_url = settings.nats_url
+    edge_url = worker_url = nats_url  # a server of the deployment's: its own credentials
     server: NatsServer | None = None
     if not nats_url:
         server = NatsServer(
             data_dir / "nats",
             port=settings.nats_port,
-            host="127.0.0.1",  # loopback only, with credentials made for this run
-            user="escapement",
-            password=secrets.token_urlsafe(18),
+            host="127.0.0.1",  # loopback only; edge, workers and operator each their own user
+            users=NatsUsers.load_or_make(data_dir / NATS_USERS_FILE),
         )
         try:
             nats_url = await asyncio.to_thread(server.start)
         except NatsServerError as exc:
             raise UpError(str(exc)) from None
         stack.push_async_callback(asyncio.to_thread, server.stop)
-        _write_private(data_dir / "nats.url", nats_url)
+        edge_url, worker_url = server.url_for("edge"), server.url_for("worker")
+        write_private(data_dir / "nats.url", nats_url)  # the operator's, for the CLI
         log.info("nats-server %s (store %s)", server.public_url, server.store_dir)
     nc = await connect(nats_url, "escapement-up")
     stack.push_async_callback(nc.close)
@@ -201,7 +202,7 @@ async def _run(
         raise UpError(str(exc)) from None
 
     workers = [
-        WorkerProcess(_worker_env(settings, nats_url), name=f"worker {i}")
+        WorkerProcess(_worker_env(settings, worker_url), name=f"worker {i}")
         for i in range(settings.workers)
     ]
     stack.push_async_callback(_stop_workers, workers, 25.0)
@@ -211,7 +212,7 @@ async def _run(
     stack.push_async_callback(_cancel, tasks)
 
     try:
-        app = create_app(_edge_settings(settings, nats_url, data_dir))
+        app = create_app(_edge_settings(settings, edge_url, data_dir))
         port = await stack.enter_async_context(serve(app))
     except EdgeConfigError as exc:
         raise UpError(str(exc)) from None
@@ -232,8 +233,9 @@ async def _run(
 
 def _worker_env(settings: UpSettings, nats_url: str) -> dict[str, str]:
     threads = settings.cpu_threads or max(1, (os.cpu_count() or 1) // max(1, settings.workers))
+    env = {k: v for k, v in os.environ.items() if k not in ("NATS_USER", "NATS_PASSWORD")}
     return {
-        **os.environ,
+        **env,  # credentials travel in NATS_URL only: the worker's own
         "NATS_URL": nats_url,
         "ESCAPEMENT_MODEL": settings.model,
         "ESCAPEMENT_CPU_THREADS": str(threads),
@@ -336,24 +338,23 @@ async def _stop_workers(workers: list[WorkerProcess], grace: float) -> None:
 
 
 SECRET_FILE = "auth-secret"
+NATS_USERS_FILE = "nats-users.json"  # the embedded nats-server's passwords, by role
 
 
 def load_or_make_secret(data_dir: Path) -> str:
     """The edge's token secret, kept in the data dir (0600) so minted tokens survive restarts."""
     path = data_dir / SECRET_FILE
     if not path.exists():
-        _write_private(path, secrets.token_urlsafe(32))
+        write_private(path, secrets.token_urlsafe(32))
     return path.read_text().strip()
 
 
-def _write_private(path: Path, text: str) -> None:
-    """Write a file only its owner can read, atomically."""
-    tmp = path.with_suffix(".tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    tmp.replace(path)
+def private_dir(path: Path) -> Path:
+    """The data dir, made if missing, readable by its owner only (0700): it holds secrets."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if path.stat().st_mode & 0o077:
+        path.chmod(0o700)
+    return path
 
 
 def default_data_dir() -> Path:

@@ -19,6 +19,7 @@ from observability import telemetry
 from services.common.config import SettingsError, from_env
 from services.common.metrics_http import MetricsEndpoint, serve_metrics
 from services.common.natsconn import connect
+from services.worker.chain import ChainError, EngineSpec
 from services.worker.engines import WhisperEngine
 from services.worker.micro import register
 from services.worker.models import ModelNotFound, resolve_model
@@ -56,6 +57,7 @@ async def _serve(settings: WorkerSettings) -> int:
             compute_type=settings.compute_type,
             cpu_threads=settings.cpu_threads,
             beam_size=settings.beam_size,
+            name=EngineSpec(settings.model).name,
         )
 
     stop = asyncio.Event()
@@ -71,7 +73,13 @@ async def _serve(settings: WorkerSettings) -> int:
         await nc.close()
         return 2
     worker = Worker(nc, factory, settings)
-    await worker.load()
+    try:
+        await worker.load()  # the engine chain: ESCAPEMENT_ENGINES, else the model alone
+    except (ChainError, ModelNotFound) as exc:
+        log.error("%s", exc)
+        await worker.close()
+        await nc.close()
+        return 2
     # Only now do edges count this worker (discovery): a session they admit has a model waiting
     service = await register(nc, worker)
     try:

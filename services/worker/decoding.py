@@ -95,6 +95,29 @@ class DecodePolicy:
     # Second opinion on speech from Silero VAD (faster-whisper's ONNX): words
     # must overlap its speech regions too. Costs ~10-30 ms per call.
     silero: bool = True  # measured: the probe 1 -> 0 words, same WER on speech, +5 % CPU
+    # Language detection (a request without `language`, multilingual models), on the
+    # new segment's encoder frames, encoded with their left context (`segment_first`;
+    # measured with base on espeak German: a short utterance alone was heard as Thai
+    # at p 0.91, German at 0.02; after two German utterances, German at 0.91). The
+    # session's language so far (`language_prior`) is kept unless another is this
+    # many times likelier than it and at least `language_confidence` likely (only
+    # likelier: the two are compared as below).
+    language_stickiness: float = 5.0
+    # A top language below this probability is not trusted: it and the runner-up
+    # (or the prior) are each decoded greedily and the transcript the model scores
+    # higher wins (a first utterance, German at 0.44 against English at 0.50: avg
+    # log-prob -0.36 against -0.70).
+    language_confidence: float = 0.8
+    # How the committed context text reaches the decoder. True: as the previous
+    # text (`<|startofprev|>`, read in one decoder pass) with one forced start
+    # timestamp at the segment start, so the model writes only the new words.
+    # False: forced token by token after the sot sequence (Whisper's prefix),
+    # which costs a decoder step per context token (~5 ms each for tiny.en on
+    # 2 threads: ~200 ms per call with 25 s of context).
+    context_in_prompt: bool = False
+    # The same for the wider-beam retry only: beam 5 through a forced context
+    # costs five decoder rows per context token (~470 ms with 25 s of context).
+    retry_context_in_prompt: bool = False
 
     @classmethod
     def for_model(cls, multilingual: bool, **overrides: object) -> DecodePolicy:
@@ -127,7 +150,8 @@ class DecodeRequest:
     context_text: str = ""
     voiced: tuple[tuple[float, float], ...] = ()
     final: bool = True
-    language: str = "en"
+    language: str = "en"  # "": detect it (multilingual models; English-only ones: en)
+    language_prior: str = ""  # with language "": the session's language so far
 
 
 @dataclass(frozen=True)
@@ -149,6 +173,7 @@ class Decoded:
     compression_ratio: float = 0.0
     beam_used: int = 0
     tokens: int = 0
+    language: str = ""  # the language decoded in (the detected one when not given)
 
 
 def compression_ratio(text: str) -> float:
@@ -164,8 +189,69 @@ def _tokenizer(model, language: str):
         model.hf_tokenizer,
         multilingual,
         task="transcribe",
-        language=(language or "en") if multilingual else "en",
+        language=whisper_language(language) if multilingual else "en",
     )
+
+
+def whisper_language(code: str) -> str:
+    """Whisper's name for a language code: its primary subtag ("en-US" -> "en")."""
+    return code.split("-", 1)[0].lower() or "en"
+
+
+def language_candidates(model, encoder_output, prior: str, policy: DecodePolicy) -> list[str]:  # type: ignore[no-untyped-def]
+    """The languages the encoded audio may be in, to choose from, likeliest first:
+    Whisper's language token probabilities (one decoder step). The session's `prior`
+    stays unless another language is `language_stickiness` times likelier; an unsure
+    top language (under `language_confidence`) comes with the runner-up (no prior) or
+    the prior. English-only models: en."""
+    if not model.model.is_multilingual:
+        return ["en"]
+    ranked = [(str(t[2:-2]), p) for t, p in model.model.detect_language(encoder_output)[0]]
+    top, p_top = ranked[0]
+    if not prior:
+        sure = p_top >= policy.language_confidence or len(ranked) < 2
+        return [top] if sure else [top, ranked[1][0]]
+    p_prior = next((p for code, p in ranked if code == prior), 0.0)
+    if top == prior or p_top <= policy.language_stickiness * p_prior:
+        return [prior]
+    return [top] if p_top >= policy.language_confidence else [prior, top]
+
+
+def segment_first(encoder_output, segment_start_s: float, duration_s: float):  # type: ignore[no-untyped-def]
+    """The encoder frames of the new segment (encoded with their left context) moved to
+    the start of the window, followed by the window's padding: Whisper's language token
+    reads mostly the start of a window, which is the context's. Returns the window
+    itself when there is no context (or the frames are not on the CPU)."""
+    import ctranslate2
+
+    first = int(segment_start_s / 0.02)  # encoder frames are 20 ms
+    if first <= 0 or encoder_output.device != "cpu":
+        return encoder_output
+    frames = np.asarray(encoder_output)  # (1, 1500, d)
+    total = frames.shape[1]
+    end = min(total, max(first + 1, int(np.ceil(duration_s / 0.02))))
+    padding = frames[:, end:]
+    if not padding.shape[1]:
+        return encoder_output
+    copies = -(-(total - end + first) // padding.shape[1])  # enough to fill the window
+    view = np.concatenate([frames[:, first:end], *[padding] * copies], axis=1)[:, :total]
+    return ctranslate2.StorageView.from_array(np.ascontiguousarray(view))
+
+
+def _language_score(
+    model, encoder_output, language: str, policy: DecodePolicy, seconds: float
+) -> float:  # type: ignore[no-untyped-def]
+    """The model's average log-probability of a greedy transcript of the encoded audio in
+    `language`: how well that language explains it."""
+    tokenizer = _tokenizer(model, language)
+    prompt = [*tokenizer.sot_sequence, tokenizer.no_timestamps]
+    budget = int(policy.min_max_tokens + policy.max_tokens_per_s * seconds)
+    greedy = dataclasses.replace(policy, temperature=0.0)
+    result = _generate(
+        model, encoder_output, prompt, tokenizer, greedy, 1, min(model.max_length, 2 * budget)
+    )
+    n = len(result.sequences_ids[0])
+    return float(result.scores[0]) * n / (n + 1)
 
 
 def _overlap(a0: float, a1: float, spans) -> float:
@@ -220,24 +306,71 @@ def decode(model, request: DecodeRequest, policy: DecodePolicy | None = None) ->
     the segment is decoded once more on its own.
     """
     policy = policy or DecodePolicy()
-    decoded = _decode(model, request, policy)
+    try:
+        decoded = _decode(model, request, policy)
+    except _LanguageChanged as changed:  # the context's text is in the old language
+        request = dataclasses.replace(request, context_text="", language=changed.language)
+        return _alone(model, request, policy, request.segment_start_s)
     if decoded.words or decoded.skipped in ("no_speech", "repetitive"):
         return decoded
     if not request.context_text or request.segment_start_s <= 0:
         return decoded
-    cut = request.segment_start_s
+    request = dataclasses.replace(request, language=decoded.language or request.language)
+    return _alone(model, request, policy, request.segment_start_s)
+
+
+def _alone(model, request: DecodeRequest, policy: DecodePolicy, cut: float) -> Decoded:  # type: ignore[no-untyped-def]
+    """The new segment of `request` decoded without its context; times within `request`."""
     alone = DecodeRequest(
         audio=np.asarray(request.audio)[int(round(cut * SAMPLE_RATE)) :],
         prompt=request.prompt,
         voiced=tuple((a - cut, b - cut) for a, b in request.voiced if b > cut),
         final=request.final,
         language=request.language,
+        language_prior=request.language_prior,
     )
     again = _decode(model, alone, policy)
     words = [
         DecodedWord(w.word, w.start_s + cut, w.end_s + cut, w.probability) for w in again.words
     ]
     return dataclasses.replace(again, words=words)
+
+
+class _LanguageChanged(Exception):
+    """Detected: not the session's language so far, while its context text is forced."""
+
+    def __init__(self, language: str) -> None:
+        super().__init__(language)
+        self.language = language
+
+
+def _language(
+    model,
+    encoder_output,
+    request: DecodeRequest,
+    context_text: str,
+    seg_start: float,
+    duration: float,
+    policy,
+) -> str:  # type: ignore[no-untyped-def]
+    """The language to decode in: the request's, or detected on the new segment's
+    encoder frames with the session's language as prior; where unsure between two, the
+    one whose greedy transcript of the segment the model scores higher (the first of
+    equals). Raises `_LanguageChanged` when it is not the session's language so far
+    and a context text (in that one) would be forced."""
+    if request.language:
+        return request.language
+    prior = request.language_prior
+    view = segment_first(encoder_output, seg_start, duration)
+    candidates = language_candidates(model, view, prior, policy)
+    language = candidates[0]
+    if len(candidates) > 1:
+        seconds = duration - seg_start
+        scores = [_language_score(model, view, c, policy, seconds) for c in candidates]
+        language = candidates[scores.index(max(scores))]
+    if prior and language != prior and context_text:
+        raise _LanguageChanged(language)
+    return language
 
 
 def _decode(model, request: DecodeRequest, policy: DecodePolicy) -> Decoded:  # type: ignore[no-untyped-def]
@@ -249,13 +382,18 @@ def _decode(model, request: DecodeRequest, policy: DecodePolicy) -> Decoded:  # 
     if seg_dur <= 0.05:
         return Decoded(skipped="empty")
 
-    tokenizer = _tokenizer(model, request.language)
     features = model.feature_extractor(audio)
     num_frames = features.shape[-1] - 1
     encoder_output = model.encode(pad_or_trim(features))
-    prompt, prefix_tokens, forced = _prompt_tokens(
-        model, tokenizer, request.prompt, context_text, seg_start, policy
-    )
+    language = _language(model, encoder_output, request, context_text, seg_start, duration, policy)
+    tokenizer = _tokenizer(model, language)
+    prompts = {
+        in_prompt: _prompt_tokens(
+            model, tokenizer, request.prompt, context_text, seg_start, policy, in_prompt
+        )
+        for in_prompt in {policy.context_in_prompt, policy.retry_context_in_prompt}
+    }
+    prefix_tokens = prompts[policy.context_in_prompt][1]
     # Re-decoded context needs its own tokens; forced context text does not.
     budget = int(
         policy.min_max_tokens + policy.max_tokens_per_s * (seg_dur if prefix_tokens else duration)
@@ -264,11 +402,13 @@ def _decode(model, request: DecodeRequest, policy: DecodePolicy) -> Decoded:  # 
     # forced context included (faster-whisper's 448 is Whisper's 224-token sample
     # length): ask for twice what the forced tokens plus the new words' budget need.
     # Asking for len(prompt) + budget cut the new words short after a long context.
-    max_length = min(model.max_length, 2 * (len(forced) + budget))
 
-    def run(beam: int):  # type: ignore[no-untyped-def]
+    def run(beam: int, in_prompt: bool):  # type: ignore[no-untyped-def]
+        prompt, _, forced = prompts[in_prompt]
+        max_length = min(model.max_length, 2 * (len(forced) + budget))
         # the first timestamp after a timed context is the segment start, past 1 s
-        initial = 1500 if forced and not policy.without_timestamps else 50
+        timed = not policy.without_timestamps or in_prompt
+        initial = 1500 if forced and timed else 50
         result = _generate(
             model, encoder_output, prompt, tokenizer, policy, beam, max_length, initial
         )
@@ -290,7 +430,7 @@ def _decode(model, request: DecodeRequest, policy: DecodePolicy) -> Decoded:  # 
         )
 
     beam = policy.beam_size
-    result, tokens, avg_lp, text = run(beam)
+    result, tokens, avg_lp, text = run(beam, policy.context_in_prompt)
     words = align(tokens) if policy.retry_word_probability > 0 else None
     if policy.retry_beam_size > beam and (
         compression_ratio(text) > policy.compression_ratio_threshold
@@ -299,7 +439,7 @@ def _decode(model, request: DecodeRequest, policy: DecodePolicy) -> Decoded:  # 
         or any(w.probability < policy.retry_word_probability for w in words or ())
     ):
         beam = policy.retry_beam_size
-        result, tokens, avg_lp, text = run(beam)
+        result, tokens, avg_lp, text = run(beam, policy.retry_context_in_prompt)
         words = None
     nsp = float(result.no_speech_prob)
     cr = compression_ratio(text)
@@ -309,6 +449,7 @@ def _decode(model, request: DecodeRequest, policy: DecodePolicy) -> Decoded:  # 
         compression_ratio=cr,
         beam_used=beam,
         tokens=len(tokens),
+        language=language,
     )
     if nsp > policy.no_speech_threshold and avg_lp < policy.logprob_threshold:
         return Decoded(skipped="no_speech", **stats)  # type: ignore[arg-type]
@@ -322,7 +463,7 @@ def _decode(model, request: DecodeRequest, policy: DecodePolicy) -> Decoded:  # 
 
     if words is None:
         words = align(tokens)
-    words, dropped = _gate(words, audio, voiced, policy)
+    words, dropped = _gate(words, audio, voiced, policy, seg_start)
     text = "".join(w.word for w in words).strip()
     return Decoded(words=words, text=text, dropped=dropped, **stats)  # type: ignore[arg-type]
 
@@ -351,25 +492,37 @@ def _fit_window(request: DecodeRequest, policy: DecodePolicy):  # type: ignore[n
 
 
 def _prompt_tokens(
-    model, tokenizer, prompt_text: str, context_text: str, seg_start: float, policy: DecodePolicy
+    model,
+    tokenizer,
+    prompt_text: str,
+    context_text: str,
+    seg_start: float,
+    policy: DecodePolicy,
+    in_prompt: bool,
 ):  # type: ignore[no-untyped-def]
     """Decoder prompt, and the context's text tokens and all forced tokens after the
     sot sequence. Without timestamps: [prev + committed text] sot-sequence notimestamps
     [context text]. With them the context is one timed segment that ends where the new
-    segment starts: sot-sequence <|0.00|> context text <|segment start|>."""
-    prompt: list[int] = []
+    segment starts: sot-sequence <|0.00|> context text <|segment start|>. With
+    `context_in_prompt`: prev [prompt text] context text, sot-sequence, <|segment start|>."""
+    limit = model.max_length // 2 - 1
+    earlier: list[int] = []
     if policy.prompt_chars > 0 and prompt_text.strip():
         text = prompt_text.strip()[-policy.prompt_chars :]
-        prompt += [tokenizer.sot_prev] + tokenizer.encode(" " + text)[
-            -(model.max_length // 2 - 1) :
-        ]
-    prompt += list(tokenizer.sot_sequence)
-    if policy.without_timestamps:
-        prompt.append(tokenizer.no_timestamps)
+        earlier = tokenizer.encode(" " + text)[-limit:]
     prefix_tokens: list[int] = []
     forced: list[int] = []
     if context_text:
-        prefix_tokens = tokenizer.encode(" " + context_text)[: model.max_length // 2 - 1]
+        prefix_tokens = tokenizer.encode(" " + context_text)[:limit]
+    if prefix_tokens and in_prompt:
+        prev = [*earlier, *prefix_tokens][-limit:]
+        forced = [tokenizer.timestamp_begin + min(int(round(seg_start / 0.02)), 1500)]
+        return [tokenizer.sot_prev, *prev, *tokenizer.sot_sequence, *forced], prefix_tokens, forced
+    prompt: list[int] = [tokenizer.sot_prev, *earlier] if earlier else []
+    prompt += list(tokenizer.sot_sequence)
+    if policy.without_timestamps:
+        prompt.append(tokenizer.no_timestamps)
+    if prefix_tokens:
         forced = list(prefix_tokens)
         if not policy.without_timestamps:
             end = min(int(round(seg_start / 0.02)), 1500)
@@ -397,9 +550,12 @@ def _new_words(
 
 
 def _gate(
-    words: list[DecodedWord], audio: np.ndarray, voiced, policy: DecodePolicy
+    words: list[DecodedWord], audio: np.ndarray, voiced, policy: DecodePolicy, seg_start: float
 ) -> tuple[list[DecodedWord], int]:  # type: ignore[no-untyped-def]
-    """Drop words the audio says are not speech; return (kept, dropped)."""
+    """Drop words the audio says are not speech; return (kept, dropped).
+
+    Silero looks at the new segment and one second before it, not at the
+    whole context (up to 25 s): the words it judges are the new ones."""
     n = len(words)
     if policy.voiced_margin_s is not None and voiced:
         # Widen the word, not the spans: alignment often gives the first word
@@ -411,7 +567,8 @@ def _gate(
             if _overlap(w.start_s - m, w.end_s + m, voiced) >= policy.min_voiced_overlap_s
         ]
     if policy.silero and words:
-        spans = silero_spans(audio)
+        cut = max(0.0, min(seg_start, min(w.start_s for w in words)) - 1.0)
+        spans = [(a + cut, b + cut) for a, b in silero_spans(audio[int(cut * SAMPLE_RATE) :])]
         words = [w for w in words if _overlap(w.start_s - 0.1, w.end_s + 0.1, spans) > 0]
     if policy.tail_min_probability > 0:
         while words and words[-1].probability < policy.tail_min_probability:

@@ -18,7 +18,7 @@ import numpy as np
 
 from schemas.pipeline import Result, Segment, Word
 from services.common.audio import wav_bytes
-from services.worker.decoding import DecodePolicy, DecodeRequest, decode
+from services.worker.decoding import DecodePolicy, DecodeRequest, decode, whisper_language
 
 log = logging.getLogger(__name__)
 
@@ -108,13 +108,20 @@ class WhisperEngine:
             local_files_only=True,
         )
         self.multilingual = self.model.model.is_multilingual
+        self.languages: tuple[str, ...] = tuple(self.model.supported_languages)
         # beam_size 0: the measured choice for this kind of model (DecodePolicy.for_model)
         self.policy = policy or DecodePolicy.for_model(
             self.multilingual, **({"beam_size": beam_size} if beam_size else {})
         )
-        # an interim look is replaced by its final: greedy, once, and no word alignment
+        # an interim look is replaced by its final: greedy, once, no word alignment, and
+        # the context text read as previous text in one pass rather than forced token
+        # by token (45 vs 165 ms per look with 25 s of context, tiny.en on 2 threads)
         self.look_policy = dataclasses.replace(
-            self.policy, beam_size=1, retry_beam_size=0, word_timestamps=False
+            self.policy,
+            beam_size=1,
+            retry_beam_size=0,
+            word_timestamps=False,
+            context_in_prompt=True,
         )
         log.info("loaded %s in %.2fs", model_path, time.perf_counter() - started)
 
@@ -122,9 +129,12 @@ class WhisperEngine:
         """Decode one segment (services/worker/decoding.py) with its context; words on the
         session timeline, only those inside the segment."""
         started = time.perf_counter()
-        language = segment.language
-        if not self.multilingual and language not in ("en", ""):
-            raise PoisonSegment(f"model {self.name} speaks English only, not {language!r}")
+        language = whisper_language(segment.language) if segment.language else ""
+        if language and language not in self.languages:
+            raise PoisonSegment(
+                f"model {self.name} does not speak {segment.language!r}"
+                + (" (English only)" if not self.multilingual else "")
+            )
         rate = segment.sample_rate
         context = pcm_to_float(segment.context_pcm, rate) if segment.context_pcm else None
         audio = pcm_to_float(segment.pcm, rate)
@@ -132,8 +142,6 @@ class WhisperEngine:
             audio = np.concatenate([context, audio])
         context_s = 0.0 if context is None else len(context) / WHISPER_RATE
         origin_ms = segment.start_ms - round(context_s * 1000)  # session time of audio[0]
-        if not language:
-            language = self.model.detect_language(audio)[0] if self.multilingual else "en"
         request = DecodeRequest(
             audio=audio,
             segment_start_s=context_s,
@@ -143,7 +151,10 @@ class WhisperEngine:
                 ((a - origin_ms) / 1000, (b - origin_ms) / 1000) for a, b in segment.voiced
             ),
             final=segment.final,
-            language=language,
+            language=language,  # "": detected, with the session's language so far as prior
+            language_prior=whisper_language(segment.session_language)
+            if segment.session_language
+            else "",
         )
         decoded = decode(self.model, request, self.policy if segment.final else self.look_policy)
         lo, hi = segment.start_ms, segment.end_ms
@@ -155,6 +166,6 @@ class WhisperEngine:
         return Transcription(
             text=decoded.text,
             words=words,
-            language=language,
+            language=decoded.language or language or request.language_prior or "en",
             inference_ms=(time.perf_counter() - started) * 1000,
         )

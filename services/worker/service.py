@@ -52,6 +52,7 @@ from typing import ParamSpec, TypeVar
 
 import msgspec
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.errors import Error as NatsError
 from nats.errors import TimeoutError as NatsTimeoutError
@@ -63,6 +64,14 @@ from jetstream import subjects
 from observability.metrics import Metrics
 from observability.tracing import extract_context, get_tracer
 from schemas.pipeline import Result, ResultMessage, Segment, decode_segment, encode_result
+from services.worker.chain import (
+    EngineChain,
+    EngineSpec,
+    Slot,
+    build_chain,
+    default_builder,
+    parse_chain,
+)
 from services.worker.deadletter import MAX_DELIVERIES, DeadLetters, Queued
 from services.worker.delivery import Delivery, Lease
 from services.worker.engines import Engine, EngineError, Transcription, result_of
@@ -73,6 +82,8 @@ log = logging.getLogger(__name__)
 tracer = get_tracer("escapement.worker")
 
 DEFAULT_ACK_WAIT_S = 30.0  # nats-server's, for a consumer that names none
+# Segments of uploaded files are taken only after this long without live work.
+FILE_IDLE_S = 0.3
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -89,7 +100,9 @@ class Worker:
         self.js: JetStreamContext = nc.jetstream()
         self.settings = settings
         self._engine_factory = engine_factory
-        self.engine: Engine | None = None
+        self.chain: EngineChain | None = None  # settings.engines, or the factory's engine
+        self._swapping = asyncio.Lock()
+        self._retiring: set[asyncio.Task[None]] = set()  # old chains finishing their jobs
         self.executor = ThreadPoolExecutor(
             max_workers=settings.concurrency, thread_name_prefix="escapement-engine"
         )
@@ -97,6 +110,8 @@ class Worker:
         self.ack_wait = DEFAULT_ACK_WAIT_S
         self.max_deliver = settings.max_deliver
         self._jobs: set[asyncio.Task[None]] = set()
+        self._files_empty: float | None = None  # start of the last file fetch that was empty
+        self._live_seen = 0.0  # when a live final was last fetched or finished here
         self.stats = {
             "transcribed": 0,
             "failed": 0,
@@ -107,15 +122,65 @@ class Worker:
         }
         self.ready = asyncio.Event()
         self.metrics = Metrics()
+        self.file_idle_s = FILE_IDLE_S
 
     async def run_blocking(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
         """`fn(*args, **kwargs)` on the engine's executor, off the event loop."""
         call = functools.partial(fn, *args, **kwargs)
         return await asyncio.get_running_loop().run_in_executor(self.executor, call)
 
+    @property
+    def engine(self) -> Engine | None:
+        """The chain's first engine (the one that answers while all is well)."""
+        return self.chain.slots[0].engine if self.chain else None  # type: ignore[return-value]
+
     async def load(self) -> Engine:
-        self.engine = await self.run_blocking(self._engine_factory)
+        """Build the chain (`settings.engines`; else one engine from the factory).
+        Raises `ChainError` or `ModelNotFound` with the reason."""
+        if self.settings.engines:
+            specs = parse_chain(self.settings.engines)
+            self.chain, _ = await build_chain(
+                specs, default_builder(self.settings), self.settings, self.metrics
+            )
+        else:
+            factory = self._engine_factory
+            self.chain, _ = await build_chain(
+                [EngineSpec(self.settings.model)],
+                lambda _spec: factory(),
+                self.settings,
+                self.metrics,
+            )
+        assert self.engine is not None
         return self.engine
+
+    async def set_engines(self, text: str) -> dict[str, object]:
+        """Hot swap: new jobs use the chain `text` names once its models are loaded;
+        jobs already running finish on the old one, whose engines that the new chain
+        does not reuse are closed after. Nothing restarts. A `ChainError` or
+        `ModelNotFound` leaves the running chain as it is."""
+        async with self._swapping:
+            specs = parse_chain(text)
+            old = self.chain
+            new, reused = await build_chain(
+                specs, default_builder(self.settings), self.settings, self.metrics, reuse=old
+            )
+            self.chain = new
+            log.info(
+                "engine chain now %s (was %s)",
+                " -> ".join(new.names), " -> ".join(old.names) if old else "none",
+            )  # fmt: skip
+            if old is not None:
+                task = asyncio.create_task(self._retire(old, reused))
+                self._retiring.add(task)
+                task.add_done_callback(self._retiring.discard)
+            return {"chain": new.names, "previous": old.names if old else []}
+
+    async def _retire(self, chain: EngineChain, keep: list[Slot]) -> None:
+        await chain.drained()
+        await chain.close(keep=keep)
+        gone = [n for n in chain.names if n not in {s.name for s in keep}]
+        if gone:
+            log.info("engines closed after their last jobs: %s", ", ".join(gone))
 
     def configure(self, consumer: js_api.ConsumerConfig) -> None:
         """Take ack_wait and max_deliver from the consumer: it is what the server enforces."""
@@ -146,10 +211,16 @@ class Worker:
             queue=subjects.DEAD_LETTER_QUEUE,
             cb=self.dead.on_max_deliveries,
         )
+        file_advisories: Subscription = await self.nc.subscribe(
+            subjects.ADVISORY_MAX_DELIVERIES_FILES,
+            queue=subjects.DEAD_LETTER_QUEUE,
+            cb=self.dead.on_max_deliveries,
+        )
         psub = await self.js.pull_subscribe_bind(
             subjects.CONSUMER_WORKERS, stream=subjects.STREAM_SEGMENTS
         )
         looks = await self._interim_looks()
+        files = await self._file_segments()
         self.ready.set()
         log.info(
             "worker ready (engine %s, concurrency %d, ack_wait %g s, max_deliver %d)",
@@ -164,13 +235,17 @@ class Worker:
                     await asyncio.wait({*self._jobs, stopping}, return_when=asyncio.FIRST_COMPLETED)
                     continue
                 asked = time.monotonic()
-                wait = looks.poll_s if looks else self.settings.fetch_timeout_s
+                polling = looks is not None or files is not None
+                wait = self.settings.interim_poll_s if polling else self.settings.fetch_timeout_s
                 try:
                     msgs = await psub.fetch(free, timeout=wait)
                 except NatsTimeoutError:
                     ended_empty = asked
-                    if looks:  # no final waits: one interim look may use the slot
-                        await self._take_look(looks)
+                    # No live final waits: an interim look may use the slot, else a
+                    # segment of an uploaded file.
+                    took = bool(looks and await self._take_look(looks))
+                    if not took and files is not None and self._files_due():
+                        await self._take_file_segment(files)
                     continue  # nothing queued: not an error
                 except NatsError as exc:  # no leader, reconnecting, ...: the cluster recovers
                     ended_empty = asked
@@ -182,18 +257,71 @@ class Worker:
                 granted = min(asked, ended_empty or asked)
                 ended_empty = None
                 for msg in msgs:
-                    lease = Lease(granted, self.ack_wait, self.settings.lease_margin_s)
-                    delivery = Delivery(msg, lease, self.nc, on_lapsed=self._count_lapse)
-                    task = asyncio.create_task(self._job(delivery))
-                    self._jobs.add(task)
-                    task.add_done_callback(self._jobs.discard)
+                    self._start_job(msg, granted, live=True)
         finally:
             stopping.cancel()
             await self._finish_jobs()
             if looks:
                 await looks.stop()
             await self._unsubscribe(psub, "segments")
+            if files:
+                await self._unsubscribe(files, "file segments")
             await self._unsubscribe(advisories, "max-deliveries advisories")
+            await self._unsubscribe(file_advisories, "file max-deliveries advisories")
+
+    def _start_job(self, msg: Msg, granted: float, live: bool = False) -> None:
+        lease = Lease(granted, self.ack_wait, self.settings.lease_margin_s)
+        delivery = Delivery(msg, lease, self.nc, on_lapsed=self._count_lapse)
+        task = asyncio.create_task(self._job(delivery))
+        self._jobs.add(task)
+        task.add_done_callback(self._jobs.discard)
+        if live:
+            self._live_seen = time.monotonic()
+            task.add_done_callback(self._live_done)
+
+    def _live_done(self, _: asyncio.Task[None]) -> None:
+        self._live_seen = time.monotonic()
+
+    def _files_due(self) -> bool:
+        """A file segment may take the slot: no live work here for `file_idle_s`.
+
+        Between the finals of busy live sessions the queue is empty only for
+        moments; a file segment started in one would hold the slot for a whole
+        decode when the next final comes. Waiting for a quiet spell leaves the
+        upload the time live sessions do not use, not the gaps between their finals."""
+        if self._jobs:
+            return False
+        return time.monotonic() - self._live_seen >= self.file_idle_s
+
+    async def _file_segments(self) -> JetStreamContext.PullSubscription | None:
+        """The uploaded files' consumer (same stream, lower priority), if it exists."""
+        try:
+            return await self.js.pull_subscribe_bind(
+                subjects.CONSUMER_FILES, stream=subjects.STREAM_SEGMENTS
+            )
+        except (NatsError, TimeoutError) as exc:  # an older deployment without it
+            log.warning("no file segments (%r): live sessions only", exc)
+            return None
+
+    async def _take_file_segment(self, files: JetStreamContext.PullSubscription) -> None:
+        """One segment of an uploaded file, if one waits (at most `interim_poll_s`).
+
+        One at a time, and only after a fetch of live finals came back empty, so a
+        long upload holds a slot for one segment's decode at most, never the queue."""
+        asked = time.monotonic()
+        try:
+            msgs = await files.fetch(1, timeout=self.settings.interim_poll_s)
+        except NatsTimeoutError:
+            self._files_empty = asked
+            return
+        except NatsError as exc:
+            self._files_empty = asked
+            log.info("file segment fetch failed: %r", exc)
+            return
+        granted = min(asked, self._files_empty or asked)  # see the lease rule above
+        self._files_empty = None
+        for msg in msgs:
+            self._start_job(msg, granted)
 
     async def _unsubscribe(
         self, sub: Subscription | JetStreamContext.PullSubscription, what: str
@@ -221,17 +349,18 @@ class Worker:
             return None
         return looks
 
-    async def _take_look(self, looks: InterimLooks) -> None:
+    async def _take_look(self, looks: InterimLooks) -> bool:
         msg = await looks.take()
         if msg is None:
-            return
+            return False
         task = asyncio.create_task(looks.handle(msg))
         self._jobs.add(task)
         task.add_done_callback(self._jobs.discard)
+        return True
 
     async def _decode_look(self, segment: Segment) -> tuple[Transcription, str]:
-        assert self.engine is not None
-        return await self.run_blocking(self._engine_call, segment), self.engine.name
+        assert self.chain is not None
+        return await self.chain.transcribe(segment)
 
     def _count_lapse(self) -> None:
         self.stats["lapsed"] += 1
@@ -303,16 +432,13 @@ class Worker:
         ):
             await self._transcribe(delivery, segment)
 
-    def _engine_call(self, segment: Segment) -> Transcription:
-        """The blocking model call (on the executor)."""
-        assert self.engine is not None
-        return self.engine.transcribe(segment)
-
     async def _transcribe(self, delivery: Delivery, segment: Segment) -> None:
         every = self.settings.in_progress_every_s
         try:
             async with delivery.kept_alive(every):
-                transcription = await self.run_blocking(self._engine_call, segment)
+                chain = self.chain  # a hot swap from here on: this job finishes on this chain
+                assert chain is not None
+                transcription, engine = await chain.transcribe(segment)
         except EngineError as exc:
             if exc.retryable:
                 await self._retry_or_give_up(delivery, segment, exc)
@@ -325,8 +451,7 @@ class Worker:
         except Exception as exc:  # noqa: BLE001 - any engine failure is retried, bounded
             await self._retry_or_give_up(delivery, segment, exc)
             return
-        assert self.engine is not None
-        result = result_of(segment, transcription, self.engine.name)
+        result = result_of(segment, transcription, engine)
         # A NATS outage (a cluster electing a leader) must not use up deliveries:
         # keep the lease and retry the publish for a while before handing it back.
         async with delivery.kept_alive(every):
@@ -411,12 +536,30 @@ class Worker:
     def status(self) -> dict[str, object]:
         return {
             "engine": self.engine.name if self.engine else None,
+            "engines": self.chain.view() if self.chain else [],
             "concurrency": self.settings.concurrency,
             "in_flight": len(self._jobs),
             "dead_lettered": self.dead.buried,
+            "languages": list(getattr(self.engine, "languages", None) or []),
             **self.stats,
             "time": time.time(),
         }
 
+    def discovery(self) -> dict[str, str]:
+        """Discovery metadata: the model, and the languages it speaks (comma-separated;
+        absent when the engine does not say), so edges refuse others up front."""
+        meta = {"model": self.chain.slots[0].spec.text if self.chain else self.settings.model}
+        languages = getattr(self.engine, "languages", None)
+        if languages:
+            meta["languages"] = ",".join(languages)
+            multilingual = getattr(self.engine, "multilingual", len(languages) > 1)
+            meta["multilingual"] = "true" if multilingual else "false"
+        return meta
+
     async def close(self) -> None:
+        for task in self._retiring:
+            task.cancel()
+        await asyncio.gather(*self._retiring, return_exceptions=True)
+        if self.chain is not None:
+            await self.chain.close()
         self.executor.shutdown(wait=False, cancel_futures=True)

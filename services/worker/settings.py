@@ -28,3 +28,16 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True):
     interim_poll_s: float = 0.05  # how long a fetch of finals waits before a look is taken
     interim_max_age_s: float = 1.5  # a look older than this is stale: dropped unread
     log_level: str = "INFO"
+    # The engine chain (services/worker/chain.py), tried in order, e.g.
+    # "base,tiny.en,openai:http://asr.internal:8000/v1" or a JSON list; "": just `model`.
+    engines: str = ""
+    # An engine call may take max(engine_deadline_s, engine_deadline_factor x the
+    # segment's audio seconds); past that its breaker opens and the next engine decodes.
+    engine_deadline_s: float = 3.0
+    engine_deadline_factor: float = 1.0
+    breaker_cooldown_s: float = 10.0  # an open breaker is probed this long after it opened
+    engine_max_stuck: int = 3  # calls past their deadline (threads run on) one engine may hold
+    remote_api_key: str = ""  # bearer token for openai: engines (never logged)
+    remote_model: str = "whisper-1"  # the model openai: engines ask their server for
+    remote_timeout_s: float = 30.0
+    faults: str = ""  # fault drills only (chain.parse_faults), e.g. "base:hang=0.5,error=0.1"
