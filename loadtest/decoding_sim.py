@@ -33,9 +33,29 @@ jobs on the box (+-30 %); "-" = not run on that group.
 | tiny.en | C25 context 25 s | 3.6 | 16/2/3 | +1.2/+1.2 | 8.9 | 0 | 0.5/2.6 | 0.100 all, 0.146-0.162 real | 562/720 |
 | tiny.en | C30 context fills window | 3.6 | 16/2/3 | +1.2/+1.2 | - | 0 | - | 0.145 | 655/1188 |
 | **tiny.en** | **C25RW (default)** | **3.1** | **14/2/2** | **+0.7/+0.7** | **4.1** | **0** | **0.0/2.0** | **0.117 all, 0.194 real** | **586-622/925-1176** |
+| tiny.en | C25RW3 retry with beam 3 | 3.1 | 13/2/3 | +0.7/+0.7 | - | - | - | 0.156 | (loaded box) |
+| tiny.en | C25RW35 retry when p < 0.35 | 3.6 | 15/2/4 | +1.2/+1.2 | - | - | - | 0.145 | (loaded box) |
+| tiny.en | C25P context as previous text + forced start timestamp | 4.1 | 17/2/5 | +1.7/+1.7 | - | - | - | 0.126 | (loaded box) |
+| tiny.en | C25RWP C25P + retry | 3.7 | 16/1/5 | +1.4/+1.4 | - | 0 | 0.0 | 0.123 | 449/722 |
+| tiny.en | C25B5P C25P, beam 5 | 4.1 | 17/1/6 | +1.7/+1.7 | - | - | - | 0.131 | (loaded box) |
+| tiny.en | C25RW7P C25RWP, retry when p < 0.7 | 4.1 | 17/1/6 | +1.7/+1.7 | - | - | - | 0.145 | (loaded box) |
+| tiny.en | C25RWR forced context, retry as previous text | 3.4 | 15/1/4 | +1.0/+1.0 | - | - | - | 0.149 | (loaded box) |
+| **tiny.en** | **DEF = C25RW, Silero on the segment only (default)** | **3.1** | **13/2/3** | **+0.7/+0.7** | **4.1** | **0** | **1.0** | **0.124** | (loaded box) |
 | base | GP context 8 s | 4.7 | 18/4/6 | +1.7/+2.0 | - | 0 | - | 0.249 | 1057/1736 |
 | **base** | **C25 (for_model(True))** | **2.9** | **13/3/1** | **-0.2/+0.2** | **5.7** | **0** | **0.5/2.0** | **0.319 real, 0.153 noise** | **1193/1527** |
 | base | C25RW | 3.2 | 14/4/1 | +0.2/+0.5 | - | 0 | - | 0.419 | 1023/2508 |
+
+Forced context costs a decoder step per context token: CTranslate2 reads the
+prompt up to `<|notimestamps|>` in one pass and forces every text token after it
+one step at a time. On one real 25 s window (45 context tokens, tiny.en int8, 2
+threads, median of 5): greedy forced 164 ms, beam 3 forced 237, beam 5 forced
+236, beam 5 with the context as previous text 66, greedy that way 45 (encoder
+~180 ms). So beam 3 saves nothing, and reading the context as previous text
+(`<|startofprev|>` context, sot sequence, a forced timestamp at the segment
+start: `context_in_prompt`) is 3-4 times cheaper, but costs 0.3-1.0 points of
+WER (C25P, C25RWP, C25RWR rows), which the finals cannot spare: it is used for
+interim looks only (`WhisperEngine.look_policy`). Rows marked "loaded box" ran
+beside other jobs (load average 5-8): their WER is exact, their times are not.
 
 "old budget" rows ran before the fix of the token budget: CTranslate2 returns at most
 `max_length // 2` tokens after the sot sequence, forced context included, and the

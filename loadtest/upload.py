@@ -96,6 +96,7 @@ async def post_file(
     token: str | None,
     clock0: float,
     model: str = "whisper-1",
+    limit_s: float = 3600.0,
 ) -> Upload:
     """One upload, as the SDK sends it (multipart `file` + `model`)."""
     out = Upload(started=time.monotonic() - clock0)
@@ -105,7 +106,7 @@ async def post_file(
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     started = time.monotonic()
     try:
-        timeout = aiohttp.ClientTimeout(total=3600)
+        timeout = aiohttp.ClientTimeout(total=limit_s)
         async with http.post(f"{url}{PATH}", data=form, headers=headers, timeout=timeout) as r:
             out.status = r.status
             body = await r.json(content_type=None)
@@ -127,6 +128,7 @@ async def run_phase(
     live: list[Item],
     token: str | None,
     upload: bytes | None = None,
+    upload_limit_s: float = 3600.0,
 ) -> Phase:
     """The live devices (real time, one session each); with an upload, each device
     starts its session again until the upload has finished, so live speech covers it."""
@@ -135,7 +137,7 @@ async def run_phase(
     clock0 = time.monotonic()
     async with http_session() as http:
         posting = (
-            asyncio.create_task(post_file(http, url, upload, token, clock0))
+            asyncio.create_task(post_file(http, url, upload, token, clock0, limit_s=upload_limit_s))
             if upload is not None
             else None
         )
@@ -256,6 +258,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sessions", type=int, default=4, help="live real-time sessions (4)")
     p.add_argument("--live-s", type=float, default=90.0, help="speech per live session (90 s)")
     p.add_argument("--minutes", type=float, default=10.0, help="length of the upload (10)")
+    p.add_argument(
+        "--upload-limit-s", type=float, default=900.0, help="give up on the upload after (900 s)"
+    )
     p.add_argument("--cache-dir", type=Path, help="speech cache (loadtest.realspeech)")
     p.add_argument("--out", help="also write the numbers as JSON here")
     return p.parse_args(argv)
@@ -286,7 +291,9 @@ async def run(args: argparse.Namespace) -> int:
         print(f"baseline: {args.sessions} live session(s) ...", file=sys.stderr)
         base = await run_phase("baseline", url, live, token)
         print(f"with a {args.minutes:g}-minute upload ...", file=sys.stderr)
-        loaded = await run_phase("with_upload", url, live, token, upload=wav)
+        loaded = await run_phase(
+            "with_upload", url, live, token, upload=wav, upload_limit_s=args.upload_limit_s
+        )
     except SpawnError as exc:
         print(f"loadtest.upload: {exc}", file=sys.stderr)
         return 3

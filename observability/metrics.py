@@ -196,7 +196,10 @@ class Metrics:
     - `engine_breaker_opens` (`{engine, reason: error|deadline}`),
       `engine_breaker_open` (up-down: 1 while an engine's breaker is open),
       `engine_fallbacks` (`{engine}`: segments that engine failed, passed on),
-      `engine_stuck` (up-down: calls abandoned at their deadline, still running) -- worker.
+      `engine_stuck` (up-down: calls abandoned at their deadline, still running) -- worker;
+    - `loop_restarts` (`{loop}`) -- background loops restarted (services/common/supervise.py);
+    - `slow_readers` -- sockets closed 4009 for not reading; `finalize_limited` --
+      `Finalize` messages ignored by the rate limit -- edge.
     """
 
     def __init__(self, meter: Meter | None = None) -> None:
@@ -272,6 +275,21 @@ class Metrics:
             "escapement.engine.stuck",
             unit="{call}",
             description="Engine calls abandoned at their deadline that still hold a thread",
+        )
+        self.loop_restarts = m.create_counter(
+            "escapement.loop.restarts",
+            unit="{restart}",
+            description="Background loops restarted after an unexpected exception, by loop",
+        )
+        self.slow_readers = m.create_counter(
+            "escapement.sessions.slow_reader",
+            unit="{session}",
+            description="Sockets closed (4009) because their client did not read its events",
+        )
+        self.finalize_limited = m.create_counter(
+            "escapement.finalize.limited",
+            unit="{message}",
+            description="Finalize messages ignored by the per-session rate limit",
         )
 
 

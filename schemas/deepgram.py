@@ -27,7 +27,7 @@ class Word(msgspec.Struct, kw_only=True, omit_defaults=True):
 class Alternative(msgspec.Struct, kw_only=True, omit_defaults=True):
     transcript: str
     confidence: float
-    words: list[Word] = []
+    words: list[Word]  # always sent, [] when nothing was said (apps take len() of it)
     languages: list[str] | None = None  # language=multi only
 
 

@@ -171,11 +171,15 @@ async def test_refusals_name_what_cannot_be_done(nats_server, nc, http) -> None:
         assert (status, reason) == (400, "unsupported_option") and "channels" in message
         status, reason, message = await refused("model=nova-3&encoding=opus")
         assert (status, reason) == (400, "unsupported_encoding") and "opus" in message
+        status, reason, message = await refused("model=nova-3")  # container audio, for Deepgram
+        assert (status, reason) == (400, "encoding_required") and "linear16" in message
         status, reason, message = await refused("model=nova-3&redact=pci")
         assert (status, reason) == (400, "unsupported_option") and "redact" in message
         status, reason, message = await refused("model=nova-3&sentiment=true")
         assert (status, reason) == (400, "unknown_parameter") and "sentiment" in message
-        status, reason, _ = await refused("model=nova-3", {"Authorization": "Token wrong"})
+        status, reason, _ = await refused(
+            "model=nova-3&encoding=linear16", {"Authorization": "Token wrong"}
+        )
         assert (status, reason) == (401, "invalid_credentials")
 
         # what the SDK itself reports for a refused option
@@ -188,21 +192,21 @@ async def test_refusals_name_what_cannot_be_done(nats_server, nc, http) -> None:
 
 def test_model_names_apps_send() -> None:
     for name in ("nova-3", "nova-2-meeting", "nova-phonecall", "enhanced", "base", "phonecall"):
-        _, options = parse_listen(MultiDict(model=name))
+        _, options = parse_listen(MultiDict(encoding="linear16", model=name))
         assert options.model == "", name  # the deployment's model
-    assert parse_listen(MultiDict(model="tiny.en"))[1].model == "tiny.en"
+    assert parse_listen(MultiDict(encoding="linear16", model="tiny.en"))[1].model == "tiny.en"
     for name in ("nova-3-medical", "nova-medical", "medical"):
         with pytest.raises(BadRequest, match="medical model"):
-            parse_listen(MultiDict(model=name))
+            parse_listen(MultiDict(encoding="linear16", model=name))
     with pytest.raises(BadRequest, match="not known"):
-        parse_listen(MultiDict(model="whisper-large"))
+        parse_listen(MultiDict(encoding="linear16", model="whisper-large"))
     with pytest.raises(BadRequest, match="English only"):
-        parse_listen(MultiDict(model="tiny.en", language="de"))
+        parse_listen(MultiDict(encoding="linear16", model="tiny.en", language="de"))
 
 
 def _final_as_rendered(query: dict[str, str]) -> dg.Results:
     """One native Final, as a `/v1/listen` session with this query would send it."""
-    _, options = parse_listen(MultiDict(query))
+    _, options = parse_listen(MultiDict({"encoding": "linear16", **query}))
     dialect = DeepgramDialect(options)
     core = StreamCore("sess", "edge", "acme", StreamParams(), StreamConfig())
     started = ev.SessionStarted(session_id="sess", resume_token="r", sample_rate=16000, language="")
@@ -252,10 +256,17 @@ def test_final_rendered_as_deepgram_results() -> None:
 
 def test_endpointing_sets_the_pause_that_ends_an_utterance() -> None:
     settings = EdgeSettings()
-    assert negotiate(MultiDict(endpointing="800"), settings)[1].endpoint_ms == 800
+    assert (
+        negotiate(MultiDict(encoding="linear16", endpointing="800"), settings)[1].endpoint_ms == 800
+    )
     # shorter than the VAD can tell a pause inside a word from the end: raised
-    assert negotiate(MultiDict(endpointing="10"), settings)[1].endpoint_ms == MIN_ENDPOINT_MS
-    assert negotiate(MultiDict(), settings)[1].endpoint_ms == settings.endpoint_ms
+    assert (
+        negotiate(MultiDict(encoding="linear16", endpointing="10"), settings)[1].endpoint_ms
+        == MIN_ENDPOINT_MS
+    )
+    assert (
+        negotiate(MultiDict(encoding="linear16"), settings)[1].endpoint_ms == settings.endpoint_ms
+    )
 
 
 async def test_control_messages_and_closes(nats_server, nc, http) -> None:  # type: ignore[no-untyped-def]

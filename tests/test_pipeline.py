@@ -113,6 +113,38 @@ async def test_segments_wait_in_the_queue_until_a_worker_starts(
     assert stored.state.messages == len(SENTENCES_B), "finals are kept for resume"
 
 
+async def test_a_pause_inside_a_sentence_leaves_one_segment_queued(
+    nc: NATS, nats_server, engine, http, make_test_speech
+) -> None:  # type: ignore[no-untyped-def]
+    """A pause longer than the trailing pad but shorter than the endpoint queues an
+    early-final candidate; when the speech goes on, that candidate is taken back out
+    of the queue, so no worker decodes it, and the device gets one Final for all of it."""
+    speech = make_test_speech(["please turn on", "the lights in the kitchen"], gap_s=0.35)
+    js = nc.jetstream()
+    async with run_edge(nats_server.url, require_workers=False) as edge:
+        streaming = asyncio.create_task(
+            stream_audio(
+                http, edge.url, speech.pcm, speech.sample_rate, realtime=False, close_timeout=120
+            )
+        )
+
+        async def queued() -> int:
+            return (await js.stream_info(subjects.STREAM_SEGMENTS)).state.messages
+
+        async def one_left() -> bool:  # the candidate was queued, then withdrawn
+            info = await js.stream_info(subjects.STREAM_SEGMENTS)
+            return info.state.last_seq >= 2 and info.state.messages == 1
+
+        await until(one_left, 15, "the void candidate withdrawn, the real segment queued")
+        await asyncio.sleep(0.5)
+        assert await queued() == 1
+        async with run_worker(nats_server.url, engine) as worker:
+            run = await asyncio.wait_for(streaming, timeout=120)
+    assert [f.segment for f in run.finals] == [0]
+    assert wer(speech.text, run.text) <= 0.25, run.text
+    assert worker.stats["transcribed"] == 1, "the void candidate was never decoded"
+
+
 @pytest.mark.parametrize("rate", [8000, 48000])
 async def test_other_sample_rates(
     worker, edge: RunningEdge, http, make_test_speech, rate: int

@@ -174,14 +174,24 @@ def exactly_once(run: StreamRun) -> tuple[set[int], Counter[int]]:
 
 
 async def test_poison_segments_are_dead_lettered_at_once(
-    edge: RunningEdge, nc: NATS, worker, http, make_test_speech
+    edge: RunningEdge, nc: NATS, nats_server, engine, http, make_test_speech
 ) -> None:  # type: ignore[no-untyped-def]
     """Garbage on a real session's subject, and a segment the model cannot do
     (German for the English-only tiny.en: `PoisonSegment`): each is termed on its
     first delivery and kept on ASR_DEAD with its reason. The device hears of the
-    segment it queued; garbage it never queued is not passed off as its own."""
+    segment it queued; garbage it never queued is not passed off as its own.
+
+    The German session opens before any worker runs: once the edge knows its
+    workers speak only English it refuses `language=de` up front (test_languages.py),
+    so this is the case of a worker whose model changed under admitted sessions."""
     js = nc.jetstream()
     edge_id = edge.app[edge_id_key]
+    device = await Device.open(http, edge, "&language=de")
+    async with run_worker(nats_server.url, engine) as worker:
+        await _poison_scenario(js, edge, edge_id, device, worker, http, make_test_speech)
+
+
+async def _poison_scenario(js, edge, edge_id, device, worker, http, make_test_speech) -> None:  # type: ignore[no-untyped-def]
     bystander = await Device.open(http, edge)
     subject = subjects.segments_subject(edge_id, bystander.session_id)
     await js.publish(
@@ -190,7 +200,6 @@ async def test_poison_segments_are_dead_lettered_at_once(
         headers={subjects.Header.MSG_ID: subjects.segment_msg_id(bystander.session_id, 41)},
     )
 
-    device = await Device.open(http, edge, "&language=de")
     speech = make_test_speech(SENTENCES[:1])
     for i in range(0, len(speech.pcm), 3200):
         await device.ws.send_bytes(speech.pcm[i : i + 3200])

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from schemas import device as ev
 from schemas.pipeline import ErrorResult, Result, Segment, Word
 from services.edge.params import StreamParams
-from services.edge.stream import Output, StreamConfig, StreamCore, StreamStart
+from services.edge.stream import Output, StreamConfig, StreamCore, StreamStart, Withdraw
 from services.edge.vad import VadConfig
 
 RATE = 16000
@@ -204,6 +204,10 @@ def test_a_pause_that_was_not_the_end_voids_its_candidate(make_test_speech) -> N
     assert len(candidates) == 2  # the pause, then the real end
     void, real = candidates
     assert void.revision != real.revision and void.segment == real.segment == 0
+    # the void one is taken back out of the queue, once, before the real one is queued
+    withdrawn = [o for o in out if isinstance(o, Withdraw)]
+    assert withdrawn == [Withdraw(0, void.revision)]
+    assert out.index(withdrawn[0]) < out.index(real)
     assert c.result(answer(void, "Please turn on."), now=5) == []  # dropped
     assert [
         e.text

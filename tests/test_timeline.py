@@ -330,3 +330,15 @@ def test_every_byte_lands_at_its_place(net: dict) -> None:
     for g in gaps:
         assert g.t_ms == g.first_seq * net["chunk_ms"]
         assert g.lost_ms == g.lost_chunks * net["chunk_ms"]
+
+
+def test_capture_ms_that_never_advances_cannot_hold_audio_forever(pcm: bytes) -> None:
+    """A device that leaves out one chunk and stamps every later one capture_ms=0
+    would keep the gap open forever: held audio stays within the jitter buffer."""
+    tl = Timeline(RATE, jitter_ms=200)
+    chunks = [AudioChunk(seq=c.seq, pcm=c.pcm, capture_ms=0) for c in chunked(pcm)]
+    held_max = 0
+    for c in chunks[:1] + chunks[2:]:  # seq 1 never comes
+        tl.push(c)
+        held_max = max(held_max, tl._pending_bytes)
+    assert held_max <= tl.jitter_bytes + 3 * CHUNK

@@ -178,7 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument(
         "--url", default="http://127.0.0.1:8080", help="the edge (default http://127.0.0.1:8080)"
     )
-    tr.add_argument("--language", default="en")
+    tr.add_argument(
+        "--language", default="", help="e.g. en, de (default: detected, or en for English models)"
+    )
     tr.add_argument("--token", help="API key or token (env ESCAPEMENT_TOKEN)")
     pace = tr.add_mutually_exclusive_group()
     pace.add_argument(

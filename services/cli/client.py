@@ -67,7 +67,7 @@ class StreamRun:
 def stream_url(
     base: str,
     sample_rate: int,
-    language: str = "en",
+    language: str = "",
     framing: str = "raw",
     token: str | None = None,
     fast: bool = False,
@@ -79,7 +79,9 @@ def stream_url(
     path = parts.path.rstrip("/")
     if not path.endswith("/v1/stream"):
         path += "/v1/stream"
-    query = {"sample_rate": sample_rate, "encoding": "linear16", "language": language}
+    query = {"sample_rate": sample_rate, "encoding": "linear16"}
+    if language:  # omitted: detected by a multilingual model, English otherwise
+        query["language"] = language
     if framing != "raw":
         query["framing"] = framing
     if fast:
@@ -96,7 +98,7 @@ async def open_stream(
     base_url: str,
     sample_rate: int = 16000,
     *,
-    language: str = "en",
+    language: str = "",
     token: str | None = None,
     fast: bool = False,
     interim_results: bool = True,
@@ -122,7 +124,7 @@ async def stream_audio(
     pcm: bytes,
     sample_rate: int,
     *,
-    language: str = "en",
+    language: str = "",
     realtime: bool = True,
     chunk_ms: int = 100,
     token: str | None = None,

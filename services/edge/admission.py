@@ -9,6 +9,19 @@ backlog is back under the low-water mark. A cap on sessions per live worker
 refuses before the backlog builds at all (a backlog only shows overload after
 the fact; the cap keeps admitted sessions from waiting on it). Sessions
 already admitted are never affected.
+
+Tenants share the edge fairly. While more than one tenant is known (named in
+the API keys or in `tenant_quotas`, holding a session, or seen within
+`tenant_active_s`), one tenant may hold at most `tenant_share` of the edge's
+session capacity (the per-worker cap, else `max_connections`) and of its
+queued-audio budget (`queued_audio_per_worker_s` per live worker: final
+segments published and not yet answered). Over either it is refused with 429
+`tenant_quota`, naming the quota, while others are admitted. A known tenant
+counts before it arrives: a session holds its place for hours, so a tenant
+that comes later must find room. When the queue is over its high-water mark,
+a tenant with less than its share of this edge's queued audio is still
+admitted: the backlog is another tenant's. `tenant_quotas` sets any of this
+per tenant (`share`, `sessions`, `queued_s`).
 """
 
 from __future__ import annotations
@@ -16,25 +29,77 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 from nats.aio.client import Client as NATS
 from nats.errors import Error as NatsError
+from opentelemetry.metrics import Counter as MetricCounter
 
 from jetstream import subjects
 from services.common.discovery import ping_services
+from services.common.supervise import start_supervised
 
 log = logging.getLogger(__name__)
+
+
+TENANT_QUOTA = "tenant_quota"
 
 
 @dataclass(frozen=True, slots=True)
 class Refusal:
     status: int
-    reason: str  # queue_full | at_capacity | no_workers | draining | nats_unavailable
+    # queue_full | at_capacity | no_workers | draining | nats_unavailable |
+    # too_many_connections | tenant_quota
+    reason: str
     message: str
     retry_after: float
+    detail: Mapping[str, object] = field(default_factory=dict)  # more for the JSON body
+
+
+@dataclass(frozen=True, slots=True)
+class TenantQuota:
+    """One tenant's own limits; None: the edge's defaults."""
+
+    share: float | None = None  # of the session capacity and the queued-audio budget
+    sessions: int | None = None  # open sessions on this edge (replaces the share's)
+    queued_s: float | None = None  # queued audio on this edge (replaces the share's)
+
+
+_QUOTA_KEYS = {"share": float, "sessions": int, "queued_s": float}
+
+
+def parse_tenant_quotas(text: str) -> dict[str, TenantQuota]:
+    """`acme:share=0.8,sessions=200;trial:sessions=2,queued_s=10` -> {tenant: TenantQuota}.
+
+    Raises ValueError naming what is wrong."""
+    quotas: dict[str, TenantQuota] = {}
+    for entry in filter(None, (e.strip() for e in text.split(";"))):
+        tenant, sep, rest = entry.partition(":")
+        tenant = tenant.strip()
+        if not sep or not tenant:
+            raise ValueError(f"tenant quota {entry!r}: expected 'tenant:key=value,...'")
+        values: dict[str, float | int] = {}
+        for item in filter(None, (i.strip() for i in rest.split(","))):
+            key, eq, raw = item.partition("=")
+            kind = _QUOTA_KEYS.get(key.strip())
+            if not eq or kind is None:
+                raise ValueError(
+                    f"tenant quota of {tenant!r}: {item!r} is not one of "
+                    f"{', '.join(k + '=' for k in _QUOTA_KEYS)}"
+                )
+            try:
+                value = kind(raw.strip())
+            except ValueError:
+                raise ValueError(f"tenant quota of {tenant!r}: {item!r} is not a number") from None
+            if value < 0 or (key.strip() == "share" and value > 1):
+                raise ValueError(f"tenant quota of {tenant!r}: {item!r} is out of range")
+            values[key.strip()] = value
+        quotas[tenant] = TenantQuota(**values)  # type: ignore[arg-type]
+    return quotas
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,13 +115,31 @@ class AdmissionConfig:
     )
     max_connections: int = 2000  # sessions on this edge
     max_connections_per_tenant: int = 500
+    tenant_share: float = 0.5  # of capacity and queued audio, while another tenant is known
+    queued_audio_per_worker_s: float = 30.0  # this edge's queued-audio budget per live worker
+    tenant_active_s: float = 600.0  # a tenant seen this recently is known
+    tenant_quotas: Mapping[str, TenantQuota] = field(default_factory=dict)
+    known_tenants: frozenset[str] = frozenset()  # the API keys' tenants
+
+
+QueuedAudio = Callable[[], Mapping[str, float]]  # queued audio seconds by tenant, this edge
 
 
 class Admission:
-    def __init__(self, nc: NATS, config: AdmissionConfig) -> None:
+    def __init__(
+        self,
+        nc: NATS,
+        config: AdmissionConfig,
+        queued_audio: QueuedAudio = dict,
+        restarts: MetricCounter | None = None,
+    ) -> None:
         self.nc = nc
         self.config = config
+        self.queued_audio = queued_audio
+        self.restarts = restarts  # escapement_loop_restarts_total
         self.tenants: Counter[str] = Counter()  # open sessions by tenant
+        self._seen: dict[str, float] = {}  # tenant -> when it last asked (monotonic)
+        self._queued: tuple[float, Mapping[str, float]] = (-math.inf, {})
         self.backlog = 0
         self.workers = 0
         self.full = False
@@ -87,9 +170,15 @@ class Admission:
     async def start(self) -> None:
         await self.refresh_workers()
         await self.refresh_backlog()
-        self._task = asyncio.create_task(self._loop(self.config.refresh_s, self.refresh_backlog))
-        self._workers_task = asyncio.create_task(
-            self._loop(self.config.workers_every_s, self.refresh_workers)
+        self._task = start_supervised(
+            "admission-backlog",
+            lambda: self._loop(self.config.refresh_s, self.refresh_backlog),
+            restarts=self.restarts,
+        )
+        self._workers_task = start_supervised(
+            "admission-workers",
+            lambda: self._loop(self.config.workers_every_s, self.refresh_workers),
+            restarts=self.restarts,
         )
 
     async def stop(self) -> None:
@@ -125,14 +214,101 @@ class Admission:
     async def refresh_workers(self) -> None:
         self.workers = len(await ping_services(self.nc, subjects.WORKER_SERVICE, wait=0.2))
 
+    # --- tenants ---------------------------------------------------------------
+
+    def _shared(self, tenant: str, now: float) -> bool:
+        """Whether a tenant other than `tenant` is known: then shares apply."""
+        cfg = self.config
+        if any(t != tenant for t in self.tenants):
+            return True
+        if any(t != tenant for t in cfg.known_tenants) or any(
+            t != tenant for t in cfg.tenant_quotas
+        ):
+            return True
+        horizon = now - cfg.tenant_active_s
+        if len(self._seen) > 1000:  # forget the long gone
+            self._seen = {t: at for t, at in self._seen.items() if at >= horizon}
+        return any(t != tenant and at >= horizon for t, at in self._seen.items())
+
+    def _queued_by_tenant(self, now: float) -> Mapping[str, float]:
+        """This edge's queued audio by tenant, recomputed at most every `refresh_s`."""
+        at, queued = self._queued
+        if now - at >= self.config.refresh_s:
+            queued = self.queued_audio()
+            self._queued = (now, queued)
+        return queued
+
+    def _capacity(self) -> int:
+        cap = self.config.max_sessions_per_worker * self.workers
+        return int(cap) if cap > 0 else self.config.max_connections
+
+    def quotas(self, tenant: str, now: float | None = None) -> tuple[int, float | None, float]:
+        """(sessions, queued audio seconds or None for no limit, share) for `tenant` now."""
+        cfg = self.config
+        now = time.monotonic() if now is None else now
+        own = cfg.tenant_quotas.get(tenant, TenantQuota())
+        share = cfg.tenant_share if own.share is None else own.share
+        shared = self._shared(tenant, now)
+        if own.sessions is not None:
+            sessions = own.sessions
+        elif shared:
+            fair = max(1, math.floor(share * self._capacity()))
+            sessions = min(cfg.max_connections_per_tenant, fair)
+        else:
+            sessions = cfg.max_connections_per_tenant
+        queued: float | None = own.queued_s
+        if queued is None and shared:
+            queued = share * cfg.queued_audio_per_worker_s * max(1, self.workers)
+        return sessions, queued, share
+
+    def _tenant_refusal(self, tenant: str, now: float) -> Refusal | None:
+        cfg = self.config
+        sessions, queued_limit, _ = self.quotas(tenant, now)
+        held = self.tenants[tenant]
+        if held >= sessions:
+            return Refusal(
+                429,
+                TENANT_QUOTA,
+                f"tenant {tenant} holds {held} of its {sessions} sessions on this edge",
+                cfg.retry_after_s,
+                {"quota": "sessions", "limit": sessions, "used": held},
+            )
+        if queued_limit is not None:
+            used = self._queued_by_tenant(now).get(tenant, 0.0)
+            if used >= queued_limit:
+                return Refusal(
+                    429,
+                    TENANT_QUOTA,
+                    f"tenant {tenant} has {used:.1f} s of audio queued, "
+                    f"its quota is {queued_limit:.1f} s",
+                    cfg.retry_after_s,
+                    {"quota": "queued_audio_s", "limit": round(queued_limit, 1),
+                     "used": round(used, 1)},
+                )  # fmt: skip
+        return None
+
+    def _backlog_is_others(self, tenant: str, now: float) -> bool:
+        """Queue over high water: is it others' doing (this tenant under its share here)?"""
+        if not self._shared(tenant, now):
+            return False
+        queued = self._queued_by_tenant(now)
+        total = sum(queued.values())
+        _, _, share = self.quotas(tenant, now)
+        return total > 0 and queued.get(tenant, 0.0) < share * total
+
+    # --- the decision ---------------------------------------------------------
+
     def check(self, tenant: str = "default") -> Refusal | None:
         cfg = self.config
+        now = time.monotonic()
+        self._seen[tenant] = now
         if self.draining:
             return Refusal(503, "draining", "this edge is shutting down", cfg.retry_after_s)
         if self.active_sessions() >= cfg.max_connections:
             return Refusal(503, "too_many_connections", "this edge is at its connection limit", 1)
-        if self.tenants[tenant] >= cfg.max_connections_per_tenant:
-            return Refusal(429, "too_many_connections", "your tenant is at its connection limit", 1)
+        refusal = self._tenant_refusal(tenant, now)
+        if refusal is not None:
+            return refusal
         if not self.nc.is_connected:
             return Refusal(503, "nats_unavailable", "the queue is unreachable", 2.0)
         if cfg.require_workers and self.workers == 0:
@@ -147,7 +323,7 @@ class Admission:
                 f"{self.active_sessions()} sessions already for {self.workers} worker(s)",
                 cfg.retry_after_s,
             )
-        if self.full:
+        if self.full and not self._backlog_is_others(tenant, now):
             return Refusal(
                 503,
                 "queue_full",

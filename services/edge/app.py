@@ -8,7 +8,7 @@ import json
 import logging
 import secrets
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,8 +28,9 @@ from services.common.discovery import last_seen, worker_languages
 from services.common.metrics_http import metrics_handler
 from services.common.natsconn import connect
 from services.edge import dashboard, deepgram, health, probe, queue_view, resume, transcriptions
-from services.edge.admission import Admission, AdmissionConfig
+from services.edge.admission import Admission, AdmissionConfig, parse_tenant_quotas
 from services.edge.auth import Authenticator, AuthError, load_api_keys, mint_resume_token
+from services.edge.origins import GUARDED_PATHS, OriginPolicy
 from services.edge.params import BadRequest, StreamParams, check_language, parse_stream_params
 from services.edge.router import ResultRouter
 from services.edge.session import Dialect, Session, SessionCounters
@@ -96,21 +97,33 @@ transcriptions_key = web.AppKey("transcriptions", transcriptions.Transcriptions)
 
 
 def refuse(
-    request: web.Request, status: int, reason: str, message: str, retry_after: float | None = None
+    request: web.Request,
+    status: int,
+    reason: str,
+    message: str,
+    retry_after: float | None = None,
+    detail: Mapping[str, object] | None = None,  # more for the body (tenant_quota: quota, ...)
 ) -> web.Response:
     request.app[stats_key].refused[reason] += 1
     request.app[metrics_key].sessions_refused.add(1, {ATTR_REASON: reason})
     headers = {REASON_HEADER: reason}
+    body: dict[str, object] = {"reason": reason, "message": message, **(detail or {})}
     if retry_after is not None:
         headers["Retry-After"] = str(max(1, round(retry_after)))
-    return web.json_response({"reason": reason, "message": message}, status=status, headers=headers)
+        body["retry_after"] = max(1, round(retry_after))
+    return web.json_response(body, status=status, headers=headers)
 
 
 class Refused(Exception):
     """A session refused before the upgrade, with an HTTP status and a reason code."""
 
     def __init__(
-        self, status: int, reason: str, message: str, retry_after: float | None = None
+        self,
+        status: int,
+        reason: str,
+        message: str,
+        retry_after: float | None = None,
+        detail: Mapping[str, object] | None = None,
     ) -> None:
         super().__init__(message)
         self.status, self.reason, self.message, self.retry_after = (
@@ -119,6 +132,7 @@ class Refused(Exception):
             message,
             retry_after,
         )
+        self.detail = detail
 
 
 @dataclass(frozen=True)
@@ -155,18 +169,25 @@ async def _accept(request: web.Request, negotiate: Negotiate) -> web.StreamRespo
     app = request.app
     try:
         params, settings, dialect = negotiate()
+        principal = app[auth_key].authenticate(request.headers, request.query)
         workers = worker_languages(last_seen(app[nats_key], subjects.WORKER_SERVICE))
         params = check_language(params, workers)  # 400 for a language no worker speaks
-        principal = app[auth_key].authenticate(request.headers, request.query)
         refusal = app[admission_key].check(principal.tenant)
         if refusal is not None:
-            raise Refused(refusal.status, refusal.reason, refusal.message, refusal.retry_after)
+            raise Refused(
+                refusal.status, refusal.reason, refusal.message, refusal.retry_after, refusal.detail
+            )
         opening = await _open(app, request, principal.tenant, params)
     except BadRequest as exc:
         return refuse(request, 400, exc.reason, exc.message)
     except (AuthError, ResumeRefused, Refused) as exc:
         return refuse(
-            request, exc.status, exc.reason, exc.message, getattr(exc, "retry_after", None)
+            request,
+            exc.status,
+            exc.reason,
+            exc.message,
+            getattr(exc, "retry_after", None),
+            getattr(exc, "detail", None),
         )
     record = opening.record
     ws = web.WebSocketResponse(
@@ -310,7 +331,19 @@ async def index(request: web.Request) -> web.StreamResponse:
 
 
 def _nats_ctx(settings: EdgeSettings):  # type: ignore[no-untyped-def]
+    try:
+        tenant_quotas = parse_tenant_quotas(settings.tenant_quotas)
+    except ValueError as exc:
+        raise EdgeConfigError(f"ESCAPEMENT_TENANT_QUOTAS: {exc}") from None
+    keys = load_api_keys(settings.api_keys_file or None, settings.api_keys or None)
+
     async def ctx(app: web.Application) -> AsyncIterator[None]:
+        def queued_audio() -> dict[str, float]:  # by tenant, for admission's quotas
+            queued: Counter[str] = Counter()
+            for session in app[sessions_key]:
+                queued[session.tenant] += session.queued_audio_s
+            return queued
+
         router: ResultRouter | None = None
 
         def reconnected() -> None:
@@ -326,7 +359,8 @@ def _nats_ctx(settings: EdgeSettings):  # type: ignore[no-untyped-def]
         app[nats_key] = conn
         await apply_all(conn.jetstream(), replicas=settings.stream_replicas)
         app[store_key] = SessionStore(conn)
-        router = ResultRouter(conn, app[edge_id_key], settings.recheck_after_s)
+        restarts = app[metrics_key].loop_restarts
+        router = ResultRouter(conn, app[edge_id_key], settings.recheck_after_s, restarts)
         await router.start()
         app[router_key] = router
         admission = Admission(
@@ -340,7 +374,14 @@ def _nats_ctx(settings: EdgeSettings):  # type: ignore[no-untyped-def]
                 max_sessions_per_worker=settings.max_sessions_per_worker,
                 max_connections=settings.max_connections,
                 max_connections_per_tenant=settings.max_connections_per_tenant,
+                tenant_share=settings.tenant_share,
+                queued_audio_per_worker_s=settings.queued_audio_per_worker_s,
+                tenant_active_s=settings.tenant_active_s,
+                tenant_quotas=tenant_quotas,
+                known_tenants=frozenset(keys.values()),
             ),
+            queued_audio,
+            restarts,
         )
         await admission.start()
         app[admission_key] = admission
@@ -421,6 +462,25 @@ def _auth_setup(settings: EdgeSettings) -> tuple[Authenticator, bytes]:
     return Authenticator(secret, keys, enabled=settings.auth_enabled), secret
 
 
+origins_key = web.AppKey("origins", OriginPolicy)
+
+
+@web.middleware
+async def origin_guard(request: web.Request, handler):  # type: ignore[no-untyped-def]
+    """Browsers: a page of an Origin not allowed gets 403 before any upgrade or upload."""
+    if request.path in GUARDED_PATHS and not request.app[origins_key].allows(
+        request.headers.get("Origin"), request.host
+    ):
+        return refuse(
+            request,
+            403,
+            "origin_not_allowed",
+            f"origin {request.headers['Origin'][:100]!r} is not allowed here "
+            "(ESCAPEMENT_ALLOWED_ORIGINS)",
+        )
+    return await handler(request)
+
+
 class AccessLogger(AbstractAccessLogger):
     """Access log lines without the query string: `?token=` and `?resume=` carry secrets."""
 
@@ -456,6 +516,11 @@ def create_app(settings: EdgeSettings) -> web.Application:
     app[stats_key] = EdgeStats()
     app[metrics_key] = Metrics()
     app[auth_key], app[secret_key] = _auth_setup(settings)
+    try:
+        app[origins_key] = OriginPolicy(settings.allowed_origins)
+    except ValueError as exc:
+        raise EdgeConfigError(f"ESCAPEMENT_ALLOWED_ORIGINS: {exc}") from None
+    app.middlewares.append(origin_guard)
     app[transcriptions_key] = transcriptions.Transcriptions()
     app.cleanup_ctx.append(_nats_ctx(settings))
     app.cleanup_ctx.append(queue_view.context(nats_key, edge_id_key, admission_key))

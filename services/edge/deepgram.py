@@ -253,10 +253,18 @@ def parse_listen(
         raise BadRequest(
             "unsupported_language", f"model tiny.en speaks English only, not {language!r}"
         )
+    if "encoding" not in query:
+        # Deepgram reads a stream without `encoding` as containerised audio (WAV, WebM,
+        # Ogg): decoding it as raw PCM would transcribe noise. Say so instead.
+        raise BadRequest(
+            "encoding_required",
+            "encoding is required: /v1/listen takes raw PCM (encoding=linear16&sample_rate=N); "
+            "containerised audio (WAV, WebM, Ogg) is not supported on the live endpoint",
+        )
     interim = _flag(query, "interim_results")  # Deepgram's default: off
     native = {
         "sample_rate": query.get("sample_rate", "16000"),
-        "encoding": query.get("encoding", "linear16"),
+        "encoding": query["encoding"],
         "language": language or "en",
         "interim_results": "true" if interim else "false",
     }

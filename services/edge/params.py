@@ -109,10 +109,11 @@ def _jitter_ms(raw: str | None) -> int | None:
 
 
 def check_language(params: StreamParams, workers: Sequence[WorkerLanguages]) -> StreamParams:
-    """Refuse a language no live worker's model speaks (HTTP 400 before the upgrade,
-    rather than a failed segment per utterance); with only English-only models, a
-    language left to detect is English. Workers that do not say what they speak
-    (or none answering yet) are given the benefit of the doubt."""
+    """Refuse a language that not every live worker's model speaks (HTTP 400 before
+    the upgrade, rather than a failed segment per utterance: any worker may take any
+    segment, so one English-only worker in the fleet would dead-letter German); with
+    only English-only models, a language left to detect is English. Workers that do
+    not say what they speak (or none answering yet) are given the benefit of the doubt."""
     if not workers or any(w.languages is None for w in workers):
         return params
     if not params.language:
@@ -121,11 +122,11 @@ def check_language(params: StreamParams, workers: Sequence[WorkerLanguages]) -> 
         spoken = {lang for w in workers for lang in w.languages or ()}
         return dataclasses.replace(params, language=spoken.pop()) if len(spoken) == 1 else params
     wanted = params.language.split("-", 1)[0].lower()
-    if any(wanted in (w.languages or ()) for w in workers):
+    if all(wanted in (w.languages or ()) for w in workers):
         return params
     models = ", ".join(sorted({w.describe() for w in workers}))
     raise BadRequest(
         "unsupported_language",
-        f"language {params.language!r} is not spoken by the model serving this edge "
-        f"({models}); omit language or name one it speaks",
+        f"language {params.language!r} is not spoken by every model serving this edge "
+        f"({models}); omit language or name one they all speak",
     )

@@ -19,9 +19,11 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.errors import Error as NatsError
+from opentelemetry.metrics import Counter
 
 from jetstream import subjects
 from schemas.pipeline import ResultMessage, decode_result
+from services.common.supervise import start_supervised
 from services.edge.replay import stored_results
 
 log = logging.getLogger(__name__)
@@ -41,8 +43,15 @@ class Routed(Protocol):
 
 
 class ResultRouter:
-    def __init__(self, nc: NATS, edge_id: str, recheck_after_s: float = 20.0) -> None:
+    def __init__(
+        self,
+        nc: NATS,
+        edge_id: str,
+        recheck_after_s: float = 20.0,
+        restarts: Counter | None = None,  # escapement_loop_restarts_total
+    ) -> None:
         self.nc = nc
+        self.restarts = restarts
         self.edge_id = edge_id
         self.recheck_after_s = recheck_after_s
         self.sessions: dict[str, Routed] = {}
@@ -60,7 +69,8 @@ class ResultRouter:
         self._partials = await self.nc.subscribe(
             subjects.partials_for_edge(self.edge_id), cb=self._on_msg
         )
-        self._sweeper = asyncio.create_task(self._sweep_loop(), name="result-sweeper")
+        # supervised: a sweeper that died would leave every owed result unrecovered
+        self._sweeper = start_supervised("result-sweeper", self._sweep_loop, restarts=self.restarts)
 
     async def stop(self) -> None:
         if self._sweeper is not None:

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 # Close codes beyond RFC 6455's, in the 4000-4999 private range.
 CLOSE_IDLE = 4008  # no audio and no KeepAlive within idle_timeout_s
+CLOSE_SLOW_READER = 4009  # the client left outbox_max_frames / outbox_max_bytes unread
 MAX_REASON = 120  # close reasons must fit in a control frame
 
 
@@ -128,6 +129,9 @@ class Session:
             on_published=self._published,
         )
         self._outbox: asyncio.Queue[str | None] = asyncio.Queue()  # text frames
+        self._outbox_bytes = 0  # bounded by outbox_max_frames / _bytes: then closed 4009
+        self.slow = ""  # why the client is being closed as a slow reader, once it is
+        self._queued_ms: dict[int, int] = {}  # final segments published: audio ms charged
         self._changed = asyncio.Event()  # a result came in: the core may have settled
         self._tasks: list[asyncio.Task[None]] = []
         self.started = time.monotonic()
@@ -162,9 +166,27 @@ class Session:
     def send(self, event: ev.ServerEvent) -> None:
         self._queue(self.dialect.render(event, self.core))
 
+    @property
+    def queued_audio_s(self) -> float:
+        """Audio of this session's final segments queued and not yet answered (at least
+        1 s each: a decode costs that much however short the segment), for admission."""
+        return sum(ms for n, ms in self._queued_ms.items() if self.core.owes(n)) / 1000
+
     def _queue(self, frames: list[str]) -> None:
+        settings = self.settings
         for frame in frames:
+            if self.slow:
+                return  # closing 4009: what it missed is stored, a resume replays it
             self._outbox.put_nowait(frame)
+            self._outbox_bytes += len(frame)
+            unread = self._outbox.qsize()
+            if (
+                unread > settings.outbox_max_frames
+                or self._outbox_bytes > settings.outbox_max_bytes
+            ):
+                self.slow = f"slow reader: {unread} events unread"
+                log.info("session %s: closing %d: %s", self.id, CLOSE_SLOW_READER, self.slow)
+                self.metrics.slow_readers.add(1, self._attrs)
 
     def _dispatch(self, outputs: list[Output]) -> None:
         for item in outputs:
@@ -197,6 +219,10 @@ class Session:
         self._changed.set()
 
     async def _published(self, segment: Segment) -> None:
+        if segment.final:
+            owed = {n: ms for n, ms in self._queued_ms.items() if self.core.owes(n)}
+            owed[segment.segment] = max(1000, segment.end_ms - segment.start_ms)
+            self._queued_ms = owed
         self.counters.segments += 1
         self.metrics.segments_published.add(1, self._attrs)
         if not self.superseded:
@@ -207,6 +233,7 @@ class Session:
             frame = await self._outbox.get()
             if frame is None:
                 return
+            self._outbox_bytes -= len(frame)
             if self.ws.closed:
                 continue  # keep draining so nobody waits on a dead socket
             try:
@@ -248,6 +275,8 @@ class Session:
     async def _read_loop(self) -> tuple[int, str]:
         idle = self.settings.idle_timeout_s
         while True:
+            if self.slow:
+                return CLOSE_SLOW_READER, self.slow
             left = self.settings.max_session_s - (time.monotonic() - self.started)
             if left <= 0:
                 self._flush()
@@ -291,7 +320,7 @@ class Session:
             code, reason, last = self.dialect.closing(code, reason, self.core)
             self._queue(last)
             self._outbox.put_nowait(None)
-            await _finish(writer, 5.0)
+            await _finish(writer, 0.0 if self.slow else 5.0)  # a slow reader's would block
             await self.abort(code, reason)
         finally:
             self.finished.set()
@@ -307,7 +336,9 @@ class Session:
     ) -> None:
         if not self.ws.closed:
             self.close_code = code  # ws.close_code would be the device's echo of it
-            await self.ws.close(code=code, message=reason.encode()[:MAX_REASON])
+            await self.ws.close(
+                code=code, message=reason.encode()[:MAX_REASON], drain=not self.slow
+            )
 
     async def _save(self, state: str = "open") -> None:
         record = self.record
@@ -365,7 +396,7 @@ class Session:
         if isinstance(message, list):  # answered in full by the dialect
             self._queue(message)
         elif isinstance(message, ev.Finalize):
-            self._flush()
+            self._finalize()
             self._queue(self.dialect.finalized(self.core))
         elif isinstance(message, ev.CloseStream):
             self._flush()
@@ -376,6 +407,15 @@ class Session:
             await self.publisher.purge_interims(self.id, self.record.edge_id)
         # KeepAlive: receiving it reset the idle timer.
         return False
+
+    def _finalize(self) -> None:
+        ignored = self.core.finalizes_ignored
+        try:
+            self._dispatch(self.core.finalize(time.monotonic()))
+        except BadAudio as exc:
+            raise ProtocolError(WSCloseCode.INVALID_TEXT, str(exc)) from None
+        if self.core.finalizes_ignored > ignored:
+            self.metrics.finalize_limited.add(1, self._attrs)
 
     def _flush_quietly(self) -> None:
         """Closing: what was heard goes out; audio the timeline cannot place is only logged."""

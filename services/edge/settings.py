@@ -75,6 +75,24 @@ class EdgeSettings(msgspec.Struct, frozen=True, kw_only=True):
     recheck_after_s: float = 20.0  # a result owed this long is looked up in ASR_TRANSCRIPTS
     drain_s: float = 10.0  # edge shutdown: time given to deliver owed finals before 1001
     log_level: str = "INFO"
+    # fairness between tenants (services/edge/admission.py; README "Fairness and limits").
+    # While more than one tenant is known, one may hold at most this share of the edge's
+    # session capacity and of its queued-audio budget (queued_audio_per_worker_s per worker)
+    tenant_share: float = 0.5
+    queued_audio_per_worker_s: float = 30.0  # final segments published, not yet answered
+    tenant_active_s: float = 600.0  # a tenant seen this recently is known
+    # per tenant, ';'-separated: "acme:share=0.8,sessions=200,queued_s=300;trial:sessions=2"
+    tenant_quotas: str = ""
+    # Finalize is ignored (one Error finalize_rate_limited) this soon after the previous
+    # cut, in audio time, or with less speech than this in the utterance
+    min_finalize_interval_ms: int = 1000
+    min_finalize_speech_ms: int = 300
+    # a client that leaves this much unread is closed 4009 (it may resume: finals are stored)
+    outbox_max_frames: int = 2000
+    outbox_max_bytes: int = 2 * 1024 * 1024
+    # browsers: Origins allowed, comma-separated ("*", "https://app.example.com",
+    # "http://localhost:*"); empty: the edge's own origin, http://localhost:*, http://127.0.0.1:*
+    allowed_origins: str = ""
 
     def stream_config(self, params: StreamParams) -> StreamConfig:
         """What the streaming core of a session with these parameters works with."""
@@ -101,4 +119,6 @@ class EdgeSettings(msgspec.Struct, frozen=True, kw_only=True):
             interims=params.interim_results and settings.interims,
             interim_first_ms=settings.interim_first_ms,
             interim_every_ms=settings.interim_every_ms,
+            min_finalize_interval_ms=settings.min_finalize_interval_ms,
+            min_finalize_speech_ms=settings.min_finalize_speech_ms,
         )

@@ -84,6 +84,13 @@ class StreamConfig:
     interims: bool = True
     interim_first_ms: int = 400  # speech before the first interim look
     interim_every_ms: int = 1000  # speech between interim looks
+    # Finalize rate limit (audio time): a cut this soon after the previous one, or of an
+    # utterance with less speech, is refused; each would cost a whole decode
+    min_finalize_interval_ms: int = 1000
+    min_finalize_speech_ms: int = 300
+
+
+FINALIZE_LIMITED = "finalize_rate_limited"
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,6 +217,9 @@ class StreamCore:
         self.latencies_s: list[float] = []  # endpoint -> Final, of finals not yet collected
         # language "" (detect): the language of the newest final so far, sent as the prior
         self.session_language: tuple[int, str] = (-1, "")
+        self._last_cut_ms: int | None = None  # segmenter time of the newest utterance's end
+        self.finalizes_ignored = 0
+        self._finalize_told = False  # the device heard finalize_rate_limited since the last cut
 
     # --- time ---------------------------------------------------------------
 
@@ -280,6 +290,30 @@ class StreamCore:
         out.extend(self.release(now))
         return out
 
+    def finalize(self, now: float) -> list[Output]:
+        """A device's `Finalize`: cut now, unless it comes too soon after the previous cut
+        or too little has been said (each cut costs a whole decode). Then the speech goes
+        on as if it had not come, and the device hears one `Error` for the run of them."""
+        pos = self.segmenter.position_ms
+        cfg = self.config
+        too_soon = (
+            self._last_cut_ms is not None and pos - self._last_cut_ms < cfg.min_finalize_interval_ms
+        )
+        too_short = self._onset_ms is not None and pos - self._onset_ms < cfg.min_finalize_speech_ms
+        if not self.segmenter.in_speech or not (too_soon or too_short):
+            self._finalize_told = False
+            return self.flush(now)
+        self.finalizes_ignored += 1
+        if self._finalize_told:
+            return []
+        self._finalize_told = True
+        why = (
+            f"within {cfg.min_finalize_interval_ms} ms of the previous cut"
+            if too_soon
+            else f"under {cfg.min_finalize_speech_ms} ms of speech"
+        )
+        return [ev.Error(code=FINALIZE_LIMITED, message=f"Finalize ignored: {why}")]
+
     def interrupt(self) -> None:
         """Barge-in: results of interim looks already asked for are not shown."""
         if self._interims is not None:
@@ -338,6 +372,8 @@ class StreamCore:
         elif isinstance(event, Utterance):
             number = self.next_segment
             self.next_segment += 1
+            self._last_cut_ms = self.segmenter.position_ms
+            self._finalize_told = False
             self._starts[number] = event.start_ms
             while len(self._starts) > 32:
                 del self._starts[min(self._starts)]

@@ -17,7 +17,8 @@ time:
 Measured in audio rather than wall-clock time, the rule needs no timer and is
 deterministic: the same arrivals give the same timeline. A device streaming in
 real time waits at most `jitter_ms` (plus one chunk) for a lost chunk. What is
-held is bounded by `jitter_ms` of audio plus one chunk, and by `max_held` chunks.
+held is bounded by `jitter_ms` of audio plus two chunks (counted in bytes, whatever
+`capture_ms` claims), and by `max_held` chunks.
 No I/O; fed by the edge, tested on its own.
 """
 
@@ -106,7 +107,12 @@ class Timeline:
         self._pending_bytes += len(chunk.pcm)
         self._typical_len = max(self._typical_len, len(chunk.pcm))
         out = self._drain()
-        while self._pending and (self._overdue() or len(self._pending) > self.max_held):
+        while self._pending and (
+            self._overdue()
+            or len(self._pending) > self.max_held
+            # bytes too: `capture_ms` that never advances must not hold audio forever
+            or self._pending_bytes > self.jitter_bytes + 2 * self._typical_len
+        ):
             out.extend(self._skip_to_first_pending())
             out.extend(self._drain())
         return out

@@ -40,6 +40,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
+from urllib.parse import urlsplit
 
 from observability.metrics import Metrics
 from schemas.pipeline import Segment
@@ -106,8 +107,11 @@ class EngineSpec:
     @property
     def name(self) -> str:
         """What results name as their engine (`Final.engine`)."""
-        if self.remote:
-            return f"openai:{self.url.split('://', 1)[-1]}"
+        if self.remote:  # host, port and path only: never credentials or a query
+            parts = urlsplit(self.url)
+            host = parts.hostname or ""
+            port = f":{parts.port}" if parts.port else ""
+            return f"openai:{host}{port}{parts.path}"
         if self.text in ("tiny.en", "base"):
             return f"faster-whisper:{self.text}"
         return f"faster-whisper:{Path(self.text).name}"
@@ -293,11 +297,20 @@ class Slot:
     def deadline_s(self, segment: Segment) -> float:
         audio_s = max(0, segment.end_ms - segment.start_ms) / 1000
         s = self.settings
-        return max(s.engine_deadline_s, s.engine_deadline_factor * audio_s)
+        deadline = max(s.engine_deadline_s, s.engine_deadline_factor * audio_s)
+        if segment.context_pcm:  # left context: a longer forced prefix, maybe a retry
+            deadline += s.engine_deadline_s / 2
+        return deadline
 
-    async def call(self, segment: Segment, last: bool = False) -> Transcription:
+    async def call(
+        self, segment: Segment, last: bool = False, alone: bool = False
+    ) -> Transcription:
         """The engine on `segment`, bounded by its deadline (raises `EngineDeadline`);
-        `last`: no engine is left after this one (`LAST_RESORT_SCALE`)."""
+        `last`: no engine is left after this one (`LAST_RESORT_SCALE`); `alone`: the
+        chain has no other engine, so no deadline at all (the lease is kept alive
+        meanwhile, and a slow but working decode is not thrown away)."""
+        if alone and not isinstance(self.engine, AsyncEngine):
+            return await asyncio.wrap_future(self.executor.submit(self.engine.transcribe, segment))
         deadline = self.deadline_s(segment) * (LAST_RESORT_SCALE if last else 1.0)
         if isinstance(self.engine, AsyncEngine):
             try:
@@ -429,7 +442,9 @@ class EngineChain:
         poison: PoisonSegment | None = None
         for i, slot in enumerate(order):
             try:
-                transcription = await slot.call(segment, last=i == len(order) - 1)
+                transcription = await slot.call(
+                    segment, last=i == len(order) - 1, alone=len(self.slots) == 1
+                )
             except PoisonSegment as exc:  # the segment's fault, not the engine's
                 poison = exc
                 continue

@@ -275,6 +275,13 @@ def silero_spans(audio: np.ndarray) -> list[tuple[float, float]]:
 
 
 def _generate(model, encoder_output, prompt, tokenizer, policy, beam, max_length, initial=50):
+    return _generate_many(
+        model, encoder_output, [prompt], tokenizer, policy, beam, max_length, initial
+    )[0]
+
+
+def _generate_many(model, encoder_output, prompts, tokenizer, policy, beam, max_length, initial):  # type: ignore[no-untyped-def]
+    """One generate call for a batch of prompts (one per row of `encoder_output`)."""
     from faster_whisper.transcribe import get_suppressed_tokens
 
     kwargs = {"beam_size": beam}
@@ -282,7 +289,7 @@ def _generate(model, encoder_output, prompt, tokenizer, policy, beam, max_length
         kwargs = {"beam_size": 1, "sampling_topk": 0, "sampling_temperature": policy.temperature}
     return model.model.generate(
         encoder_output,
-        [prompt],
+        prompts,
         max_length=max_length,
         return_scores=True,
         return_no_speech_prob=True,
@@ -290,7 +297,101 @@ def _generate(model, encoder_output, prompt, tokenizer, policy, beam, max_length
         suppress_tokens=get_suppressed_tokens(tokenizer, [-1]),
         max_initial_timestamp_index=initial,
         **kwargs,
-    )[0]
+    )
+
+
+def _budget(policy: DecodePolicy, seg_dur: float, duration: float, prefix_tokens: list[int]) -> int:
+    """New tokens allowed: re-decoded context needs its own; forced context text does not."""
+    return int(
+        policy.min_max_tokens + policy.max_tokens_per_s * (seg_dur if prefix_tokens else duration)
+    )
+
+
+def _max_length(model, forced: list[int], budget: int) -> int:  # type: ignore[no-untyped-def]
+    """CTranslate2 returns at most max_length // 2 tokens after the sot sequence, the
+    forced context included (faster-whisper's 448 is Whisper's 224-token sample
+    length): ask for twice what the forced tokens plus the new words' budget need.
+    Asking for len(prompt) + budget cut the new words short after a long context."""
+    return min(model.max_length, 2 * (len(forced) + budget))
+
+
+def _initial(policy: DecodePolicy, forced: list[int], in_prompt: bool) -> int:
+    """max_initial_timestamp_index: the first timestamp after a timed context is the
+    segment start, past 1 s."""
+    timed = not policy.without_timestamps or in_prompt
+    return 1500 if forced and timed else 50
+
+
+def _read(result, forced: list[int], tokenizer) -> tuple[list[int], float, str]:  # type: ignore[no-untyped-def]
+    """(new text tokens, average log-probability, text) of one generate result."""
+    seq = list(result.sequences_ids[0])
+    if forced and seq[: len(forced)] == forced:
+        seq = seq[len(forced) :]  # CTranslate2 returns the forced prefix too
+    tokens = [t for t in seq if t < tokenizer.eot]
+    avg_lp = result.scores[0] * len(seq) / (len(seq) + 1)
+    return tokens, float(avg_lp), tokenizer.decode(tokens).strip()
+
+
+def _wants_retry(
+    policy: DecodePolicy, beam: int, text: str, avg_lp: float, tokens: list[int], budget: int, words
+) -> bool:  # type: ignore[no-untyped-def]
+    """Whether the greedy result looks unreliable enough for the wider-beam retry."""
+    return policy.retry_beam_size > beam and (
+        compression_ratio(text) > policy.compression_ratio_threshold
+        or avg_lp < policy.retry_logprob
+        or len(tokens) >= budget
+        or any(w.probability < policy.retry_word_probability for w in words or ())
+    )
+
+
+def _verdict(
+    policy: DecodePolicy,
+    result,
+    tokens: list[int],
+    avg_lp: float,
+    text: str,
+    beam: int,
+    language: str,
+    tokenizer,
+    seg_start: float,
+    duration: float,
+) -> tuple[Decoded | None, dict]:  # type: ignore[no-untyped-def]
+    """The segment-level gates on the chosen result: a finished `Decoded` when they
+    decide (skipped, or no word timing wanted), else None; and the stats either way."""
+    nsp = float(result.no_speech_prob)
+    cr = compression_ratio(text)
+    stats = dict(
+        no_speech_prob=nsp,
+        avg_logprob=avg_lp,
+        compression_ratio=cr,
+        beam_used=beam,
+        tokens=len(tokens),
+        language=language,
+    )
+    if nsp > policy.no_speech_threshold and avg_lp < policy.logprob_threshold:
+        return Decoded(skipped="no_speech", **stats), stats  # type: ignore[arg-type]
+    if cr > policy.compression_ratio_threshold:
+        return Decoded(skipped="repetitive", **stats), stats  # type: ignore[arg-type]
+    if not tokens:
+        return Decoded(skipped="empty", **stats), stats  # type: ignore[arg-type]
+    if not policy.word_timestamps:
+        words = [DecodedWord(w, seg_start, duration, 1.0) for w in _split_words(tokenizer, tokens)]
+        return Decoded(words=words, text=text, **stats), stats  # type: ignore[arg-type]
+    return None, stats
+
+
+def _finish(
+    words: list[DecodedWord],
+    audio: np.ndarray,
+    voiced,
+    policy: DecodePolicy,
+    seg_start: float,
+    stats: dict,
+) -> Decoded:  # type: ignore[no-untyped-def]
+    """The word gates, then the result."""
+    words, dropped = _gate(words, audio, voiced, policy, seg_start)
+    text = "".join(w.word for w in words).strip()
+    return Decoded(words=words, text=text, dropped=dropped, **stats)  # type: ignore[arg-type]
 
 
 def decode(model, request: DecodeRequest, policy: DecodePolicy | None = None) -> Decoded:
@@ -321,7 +422,12 @@ def decode(model, request: DecodeRequest, policy: DecodePolicy | None = None) ->
 
 def _alone(model, request: DecodeRequest, policy: DecodePolicy, cut: float) -> Decoded:  # type: ignore[no-untyped-def]
     """The new segment of `request` decoded without its context; times within `request`."""
-    alone = DecodeRequest(
+    return _shifted(_decode(model, _alone_request(request, cut), policy), cut)
+
+
+def _alone_request(request: DecodeRequest, cut: float) -> DecodeRequest:
+    """`request` without the audio before `cut` (and so without its context)."""
+    return DecodeRequest(
         audio=np.asarray(request.audio)[int(round(cut * SAMPLE_RATE)) :],
         prompt=request.prompt,
         voiced=tuple((a - cut, b - cut) for a, b in request.voiced if b > cut),
@@ -329,11 +435,14 @@ def _alone(model, request: DecodeRequest, policy: DecodePolicy, cut: float) -> D
         language=request.language,
         language_prior=request.language_prior,
     )
-    again = _decode(model, alone, policy)
+
+
+def _shifted(decoded: Decoded, cut: float) -> Decoded:
+    """`decoded` of an `_alone_request`, its word times back within the original request."""
     words = [
-        DecodedWord(w.word, w.start_s + cut, w.end_s + cut, w.probability) for w in again.words
+        DecodedWord(w.word, w.start_s + cut, w.end_s + cut, w.probability) for w in decoded.words
     ]
-    return dataclasses.replace(again, words=words)
+    return dataclasses.replace(decoded, words=words)
 
 
 class _LanguageChanged(Exception):
@@ -394,30 +503,16 @@ def _decode(model, request: DecodeRequest, policy: DecodePolicy) -> Decoded:  # 
         for in_prompt in {policy.context_in_prompt, policy.retry_context_in_prompt}
     }
     prefix_tokens = prompts[policy.context_in_prompt][1]
-    # Re-decoded context needs its own tokens; forced context text does not.
-    budget = int(
-        policy.min_max_tokens + policy.max_tokens_per_s * (seg_dur if prefix_tokens else duration)
-    )
-    # CTranslate2 returns at most max_length // 2 tokens after the sot sequence, the
-    # forced context included (faster-whisper's 448 is Whisper's 224-token sample
-    # length): ask for twice what the forced tokens plus the new words' budget need.
-    # Asking for len(prompt) + budget cut the new words short after a long context.
+    budget = _budget(policy, seg_dur, duration, prefix_tokens)
 
     def run(beam: int, in_prompt: bool):  # type: ignore[no-untyped-def]
         prompt, _, forced = prompts[in_prompt]
-        max_length = min(model.max_length, 2 * (len(forced) + budget))
-        # the first timestamp after a timed context is the segment start, past 1 s
-        timed = not policy.without_timestamps or in_prompt
-        initial = 1500 if forced and timed else 50
+        max_length = _max_length(model, forced, budget)
+        initial = _initial(policy, forced, in_prompt)
         result = _generate(
             model, encoder_output, prompt, tokenizer, policy, beam, max_length, initial
         )
-        seq = list(result.sequences_ids[0])
-        if forced and seq[: len(forced)] == forced:
-            seq = seq[len(forced) :]  # CTranslate2 returns the forced prefix too
-        tokens = [t for t in seq if t < tokenizer.eot]
-        avg_lp = result.scores[0] * len(seq) / (len(seq) + 1)
-        return result, tokens, float(avg_lp), tokenizer.decode(tokens).strip()
+        return result, *_read(result, forced, tokenizer)
 
     def align(tokens: list[int]) -> list[DecodedWord]:
         if not tokens or not policy.word_timestamps:
@@ -432,40 +527,18 @@ def _decode(model, request: DecodeRequest, policy: DecodePolicy) -> Decoded:  # 
     beam = policy.beam_size
     result, tokens, avg_lp, text = run(beam, policy.context_in_prompt)
     words = align(tokens) if policy.retry_word_probability > 0 else None
-    if policy.retry_beam_size > beam and (
-        compression_ratio(text) > policy.compression_ratio_threshold
-        or avg_lp < policy.retry_logprob
-        or len(tokens) >= budget
-        or any(w.probability < policy.retry_word_probability for w in words or ())
-    ):
+    if _wants_retry(policy, beam, text, avg_lp, tokens, budget, words):
         beam = policy.retry_beam_size
         result, tokens, avg_lp, text = run(beam, policy.retry_context_in_prompt)
         words = None
-    nsp = float(result.no_speech_prob)
-    cr = compression_ratio(text)
-    stats = dict(
-        no_speech_prob=nsp,
-        avg_logprob=avg_lp,
-        compression_ratio=cr,
-        beam_used=beam,
-        tokens=len(tokens),
-        language=language,
+    done, stats = _verdict(
+        policy, result, tokens, avg_lp, text, beam, language, tokenizer, seg_start, duration
     )
-    if nsp > policy.no_speech_threshold and avg_lp < policy.logprob_threshold:
-        return Decoded(skipped="no_speech", **stats)  # type: ignore[arg-type]
-    if cr > policy.compression_ratio_threshold:
-        return Decoded(skipped="repetitive", **stats)  # type: ignore[arg-type]
-    if not tokens:
-        return Decoded(skipped="empty", **stats)  # type: ignore[arg-type]
-    if not policy.word_timestamps:
-        words = [DecodedWord(w, seg_start, duration, 1.0) for w in _split_words(tokenizer, tokens)]
-        return Decoded(words=words, text=text, **stats)  # type: ignore[arg-type]
-
+    if done is not None:
+        return done
     if words is None:
         words = align(tokens)
-    words, dropped = _gate(words, audio, voiced, policy, seg_start)
-    text = "".join(w.word for w in words).strip()
-    return Decoded(words=words, text=text, dropped=dropped, **stats)  # type: ignore[arg-type]
+    return _finish(words, audio, voiced, policy, seg_start, stats)
 
 
 def _fit_window(request: DecodeRequest, policy: DecodePolicy):  # type: ignore[no-untyped-def]

@@ -20,7 +20,6 @@ import msgspec
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
-from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 
 from jetstream import subjects
@@ -61,7 +60,7 @@ class InterimLooks:
             return None
         try:
             [msg] = await self._psub.fetch(1, timeout=self.poll_s)
-        except NatsTimeoutError:
+        except TimeoutError:  # nats' own, or the plain one a fetch raises between its pulls
             return None
         except NatsError as exc:
             log.info("interim fetch failed: %r", exc)

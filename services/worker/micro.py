@@ -47,7 +47,10 @@ async def register(nc: NATS, worker: Worker) -> Service:
     async def status(req: Request) -> None:
         await req.respond(json.dumps(worker.status()).encode())
 
-    metadata = {"engine": worker.engine.name if worker.engine else "", **worker.discovery()}
+    def described() -> dict[str, str]:
+        return {"engine": worker.engine.name if worker.engine else "", **worker.discovery()}
+
+    metadata = described()
     service = await add_service(
         nc,
         name=subjects.WORKER_SERVICE,
@@ -60,7 +63,7 @@ async def register(nc: NATS, worker: Worker) -> Service:
     async def engine(req: Request) -> None:
         answer = await engine_request(worker, service.id, req.data)
         # the service keeps this dict: what discovery says follows the chain
-        fresh = {"engine": worker.engine.name if worker.engine else "", **worker.discovery()}
+        fresh = described()
         metadata.clear()
         metadata.update(fresh)
         await req.respond(json.dumps(answer).encode())

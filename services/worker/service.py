@@ -55,7 +55,6 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.errors import Error as NatsError
-from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js import api as js_api
 from nats.js.errors import NotFoundError
@@ -234,12 +233,12 @@ class Worker:
                 if free <= 0:
                     await asyncio.wait({*self._jobs, stopping}, return_when=asyncio.FIRST_COMPLETED)
                     continue
-                asked = time.monotonic()
+                asked, queued = time.monotonic(), psub.pending_msgs
                 polling = looks is not None or files is not None
                 wait = self.settings.interim_poll_s if polling else self.settings.fetch_timeout_s
                 try:
                     msgs = await psub.fetch(free, timeout=wait)
-                except NatsTimeoutError:
+                except TimeoutError:  # nats' own, or the plain one a fetch raises between its pulls
                     ended_empty = asked
                     # No live final waits: an interim look may use the slot, else a
                     # segment of an uploaded file.
@@ -254,7 +253,7 @@ class Worker:
                     log.warning("fetch failed (%s); retrying", type(exc).__name__)
                     await asyncio.sleep(1.0)
                     continue
-                granted = min(asked, ended_empty or asked)
+                granted = self._granted(asked, ended_empty, queued)
                 ended_empty = None
                 for msg in msgs:
                     self._start_job(msg, granted, live=True)
@@ -278,6 +277,20 @@ class Worker:
         if live:
             self._live_seen = time.monotonic()
             task.add_done_callback(self._live_done)
+
+    def _granted(self, asked: float, ended_empty: float | None, queued: int) -> float:
+        """When the lease of what a fetch started at `asked` returns began, at the latest.
+
+        A pull request that expired on our side may still bring a message, which the
+        next fetch returns: then the lease began before that earlier fetch. Such a
+        message arrives within the earlier request's life (a fetch timeout); after
+        that, only one already waiting in the subscription (`queued`) can be late."""
+        if ended_empty is None:
+            return asked
+        late_window = self.settings.fetch_timeout_s + self.settings.lease_margin_s
+        if queued or asked - ended_empty < late_window:
+            return min(asked, ended_empty)
+        return asked
 
     def _live_done(self, _: asyncio.Task[None]) -> None:
         self._live_seen = time.monotonic()
@@ -308,17 +321,17 @@ class Worker:
 
         One at a time, and only after a fetch of live finals came back empty, so a
         long upload holds a slot for one segment's decode at most, never the queue."""
-        asked = time.monotonic()
+        asked, queued = time.monotonic(), files.pending_msgs
         try:
             msgs = await files.fetch(1, timeout=self.settings.interim_poll_s)
-        except NatsTimeoutError:
+        except TimeoutError:  # nats' own, or the plain one a fetch raises between its pulls
             self._files_empty = asked
             return
         except NatsError as exc:
             self._files_empty = asked
             log.info("file segment fetch failed: %r", exc)
             return
-        granted = min(asked, self._files_empty or asked)  # see the lease rule above
+        granted = self._granted(asked, self._files_empty, queued)
         self._files_empty = None
         for msg in msgs:
             self._start_job(msg, granted)
@@ -548,7 +561,11 @@ class Worker:
     def discovery(self) -> dict[str, str]:
         """Discovery metadata: the model, and the languages it speaks (comma-separated;
         absent when the engine does not say), so edges refuse others up front."""
-        meta = {"model": self.chain.slots[0].spec.text if self.chain else self.settings.model}
+        first = self.chain.slots[0].spec if self.chain else None
+        # a remote engine by its public name: never its URL's credentials
+        meta = {
+            "model": (first.name if first.remote else first.text) if first else self.settings.model
+        }
         languages = getattr(self.engine, "languages", None)
         if languages:
             meta["languages"] = ",".join(languages)

@@ -61,7 +61,7 @@
 
   function streamUrl(sess) {
     const proto = location.protocol === "https:" ? "wss:" : "ws:";
-    const q = new URLSearchParams({ sample_rate: String(RATE), encoding: "linear16", language: "en" });
+    const q = new URLSearchParams({ sample_rate: String(RATE), encoding: "linear16" });
     if (sess.kind === "file") q.set("pace", "fast");
     if (!$("interims").checked) q.set("interim_results", "false");
     const token = $("token").value.trim();

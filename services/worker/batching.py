@@ -1,0 +1,316 @@
+"""Batching across sessions: several utterances decoded with one model call per step.
+
+`decode_batch(model, requests, policy)` gives, item by item, what
+`services.worker.decoding.decode` gives for each request alone, with the model
+steps shared: one encoder call on the stacked 30 s windows, one greedy
+`generate` on all the prompts, one alignment call, then the per-item retry
+decisions, the wider-beam retries in one `generate`, their alignment in one
+call, and the per-item word gates (voiced spans, Silero). The segments that a
+forced context silenced are decoded again on their own, batched too.
+
+CTranslate2's Whisper takes a batch of prompts under two conditions
+(src/models/whisper.cc `check_prompts`): every prompt has its
+`<|startoftranscript|>` at the same index and the same number of special tokens
+after it; the text tokens after those (the forced context) may differ in
+length, and each row is forced through its own prefix. Requests whose prompts
+differ in shape (a prompt of earlier finals, context as previous text), in
+language or in the first timestamp allowed go in separate calls.
+
+Exactness. A batch row must come out as it would alone, whatever else is in
+the batch (the same audio gives the same finals). What could differ, and what
+is done about it:
+
+- `max_length` is one number per call; each request has its own (its token
+  budget). Greedy decoding is causal, so a row that stopped before its own
+  limit stopped the same way alone; a row that reached it (a repetition loop)
+  is decoded again alone with its own limit. Beam search may run past the
+  point where the shorter limit would have ended it and still pick an earlier
+  hypothesis, so for the retry a row is also decoded alone when its greedy
+  result used its whole budget.
+- Alignment of a batch pads the token sequences. With equal frame counts
+  CTranslate2 normalises the attention over the padded token axis, so such a
+  call is only made when the token counts are equal too; otherwise each item
+  is aligned in its own call (or with differing frame counts, in one call,
+  where CTranslate2 trims each row's padding before normalising).
+- Sampling (`temperature` > 0) is not reproducible across batch layouts: such
+  a policy is decoded item by item, as is language detection (multilingual
+  models without a language), which is per item anyway.
+
+Row independence of the matrix products themselves (int8 GEMMs, the encoder's
+convolutions) is CTranslate2's; `tests/test_batching.py` checks the result on
+recorded speech, and `loadtest/batching.py` measures what batching gains.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from services.worker.decoding import (
+    SAMPLE_RATE,
+    Decoded,
+    DecodedWord,
+    DecodePolicy,
+    DecodeRequest,
+    _alone_request,
+    _budget,
+    _decode,
+    _finish,
+    _fit_window,
+    _generate,
+    _generate_many,
+    _initial,
+    _max_length,
+    _new_words,
+    _prompt_tokens,
+    _read,
+    _shifted,
+    _tokenizer,
+    _verdict,
+    _wants_retry,
+    decode,
+)
+
+
+def batchable(model, request: DecodeRequest, policy: DecodePolicy) -> bool:  # type: ignore[no-untyped-def]
+    """Whether `request` can share model calls: a known language (or an English-only
+    model, which decodes English whatever it is told) and no sampling."""
+    if policy.temperature > 0:
+        return False
+    if request.language:
+        return True
+    return not model.model.is_multilingual and request.language_prior in ("", "en")
+
+
+def decode_batch(
+    model, requests: list[DecodeRequest], policy: DecodePolicy | None = None
+) -> list[Decoded]:  # type: ignore[no-untyped-def]
+    """`[decode(model, r, policy) for r in requests]`, with the model steps batched."""
+    policy = policy or DecodePolicy()
+    out: list[Decoded | None] = [None] * len(requests)
+    shared = [i for i, r in enumerate(requests) if batchable(model, r, policy)]
+    if len(shared) < 2:
+        shared = []
+    for i, request in enumerate(requests):
+        if i not in shared:
+            out[i] = decode(model, request, policy)
+    again: list[tuple[int, DecodeRequest]] = []
+    for i, decoded in zip(
+        shared, _decode_many(model, [requests[i] for i in shared], policy), strict=True
+    ):
+        request = requests[i]
+        if (
+            decoded.words
+            or decoded.skipped in ("no_speech", "repetitive")
+            or not request.context_text
+            or request.segment_start_s <= 0
+        ):
+            out[i] = decoded
+            continue
+        # as `decode`: a forced context that silenced the segment: decode it alone
+        request = dataclasses.replace(request, language=decoded.language or request.language)
+        again.append((i, request))
+    alone = [_alone_request(r, r.segment_start_s) for _, r in again]
+    for (i, request), decoded in zip(again, _decode_many(model, alone, policy), strict=True):
+        out[i] = _shifted(decoded, request.segment_start_s)
+    assert all(d is not None for d in out)
+    return out  # type: ignore[return-value]
+
+
+@dataclass(eq=False)
+class _Item:
+    """One request on its way through the batched steps (what `_decode` keeps in locals)."""
+
+    audio: np.ndarray
+    seg_start: float
+    voiced: tuple[tuple[float, float], ...]
+    duration: float
+    features: np.ndarray
+    num_frames: int
+    language: str
+    tokenizer: object
+    prompts: dict[bool, tuple[list[int], list[int], list[int]]]
+    prefix_tokens: list[int]
+    budget: int
+    row: int = 0
+    beam: int = 0
+    result: object = None
+    tokens: list[int] = field(default_factory=list)
+    avg_lp: float = 0.0
+    text: str = ""
+    words: list[DecodedWord] | None = None
+
+
+def _decode_many(model, requests: list[DecodeRequest], policy: DecodePolicy) -> list[Decoded]:  # type: ignore[no-untyped-def]
+    """`_decode` on each request, batched (requests must be `batchable`)."""
+    if len(requests) <= 1:
+        return [_decode(model, r, policy) for r in requests]
+    from faster_whisper.transcribe import pad_or_trim
+
+    out: list[Decoded | None] = [None] * len(requests)
+    items: dict[int, _Item] = {}
+    for k, request in enumerate(requests):
+        audio, seg_start, voiced, context_text = _fit_window(request, policy)
+        duration = len(audio) / SAMPLE_RATE
+        seg_dur = max(0.0, duration - seg_start)
+        if seg_dur <= 0.05:
+            out[k] = Decoded(skipped="empty")
+            continue
+        features = model.feature_extractor(audio)
+        language = request.language or "en"
+        tokenizer = _tokenizer(model, language)
+        prompts = {
+            in_prompt: _prompt_tokens(
+                model, tokenizer, request.prompt, context_text, seg_start, policy, in_prompt
+            )
+            for in_prompt in {policy.context_in_prompt, policy.retry_context_in_prompt}
+        }
+        prefix_tokens = prompts[policy.context_in_prompt][1]
+        items[k] = _Item(
+            audio=audio,
+            seg_start=seg_start,
+            voiced=voiced,
+            duration=duration,
+            features=features,
+            num_frames=features.shape[-1] - 1,
+            language=language,
+            tokenizer=tokenizer,
+            prompts=prompts,
+            prefix_tokens=prefix_tokens,
+            budget=_budget(policy, seg_dur, duration, prefix_tokens),
+            row=len(items),
+        )
+    if not items:
+        return out  # type: ignore[return-value]
+    live = list(items.values())
+    encoder = _Encoded(model, np.stack([pad_or_trim(i.features) for i in live]))
+
+    beam = policy.beam_size
+    _run(model, encoder, live, policy, beam, policy.context_in_prompt)
+    if policy.retry_word_probability > 0:
+        _align(model, encoder, live, policy)
+    retry = [
+        i for i in live if _wants_retry(policy, beam, i.text, i.avg_lp, i.tokens, i.budget, i.words)
+    ]
+    if retry:
+        _run(model, encoder, retry, policy, policy.retry_beam_size, policy.retry_context_in_prompt)
+        for i in retry:
+            i.words = None
+    pending: dict[int, dict] = {}
+    for k, i in items.items():
+        done, stats = _verdict(
+            policy, i.result, i.tokens, i.avg_lp, i.text, i.beam, i.language, i.tokenizer,
+            i.seg_start, i.duration,
+        )  # fmt: skip
+        if done is not None:
+            out[k] = done
+        else:
+            pending[k] = stats
+    _align(model, encoder, [items[k] for k in pending if items[k].words is None], policy)
+    for k, stats in pending.items():
+        i = items[k]
+        out[k] = _finish(i.words or [], i.audio, i.voiced, policy, i.seg_start, stats)
+    return out  # type: ignore[return-value]
+
+
+class _Encoded:
+    """The encoder output of the stacked windows, and any subset of its rows."""
+
+    def __init__(self, model, features: np.ndarray) -> None:  # type: ignore[no-untyped-def]
+        self.model = model
+        self.features = features
+        self.output = model.encode(features)
+        self._keep: list[np.ndarray] = []  # arrays that row subsets were made from
+
+    def rows(self, rows: list[int]):  # type: ignore[no-untyped-def]
+        import ctranslate2
+
+        if rows == list(range(len(self.features))):
+            return self.output
+        if self.output.device != "cpu":  # no host copy to index: encode the subset again
+            return self.model.encode(self.features[rows])
+        view = np.ascontiguousarray(np.asarray(self.output)[rows])
+        self._keep.append(view)
+        return ctranslate2.StorageView.from_array(view)
+
+
+def _shape(prompt: list[int], tokenizer) -> tuple[int, int]:  # type: ignore[no-untyped-def]
+    """Where `<|startoftranscript|>` is and how many special tokens follow it: what
+    CTranslate2 needs equal across a batch (whisper.cc `check_prompts`)."""
+    sot = prompt.index(tokenizer.sot)
+    end = sot
+    while end < len(prompt) and tokenizer.sot <= prompt[end] <= tokenizer.no_timestamps:
+        end += 1
+    return sot, end
+
+
+def _run(model, encoder: _Encoded, items: list[_Item], policy, beam: int, in_prompt: bool) -> None:  # type: ignore[no-untyped-def]
+    """One generate per group of compatible prompts; sets each item's result."""
+    groups: dict[tuple, list[_Item]] = {}
+    for i in items:
+        prompt, _, forced = i.prompts[in_prompt]
+        key = (_shape(prompt, i.tokenizer), _initial(policy, forced, in_prompt), i.language)
+        groups.setdefault(key, []).append(i)
+    for (_, initial, _), group in groups.items():
+        limits = [_max_length(model, i.prompts[in_prompt][2], i.budget) for i in group]
+        shared = max(limits)
+        results = _generate_many(
+            model,
+            encoder.rows([i.row for i in group]),
+            [i.prompts[in_prompt][0] for i in group],
+            group[0].tokenizer,
+            policy,
+            beam,
+            shared,
+            initial,
+        )
+        for i, limit, result in zip(group, limits, results, strict=True):
+            prompt, _, forced = i.prompts[in_prompt]
+            n = len(result.sequences_ids[0])
+            # reached its own limit (or, for a wider beam, the greedy pass used its
+            # whole budget): alone, the limit would have ended it differently
+            if limit < shared and (n >= limit // 2 - 1 or (beam > 1 and len(i.tokens) >= i.budget)):
+                result = _generate(
+                    model, encoder.rows([i.row]), prompt, i.tokenizer, policy, beam, limit, initial
+                )
+            i.result, i.beam = result, beam
+            i.tokens, i.avg_lp, i.text = _read(result, forced, i.tokenizer)
+
+
+def _align(model, encoder: _Encoded, items: list[_Item], policy: DecodePolicy) -> None:  # type: ignore[no-untyped-def]
+    """Word times of each item's tokens, in as few alignment calls as stay exact."""
+    todo = [i for i in items if i.tokens and policy.word_timestamps]
+    for i in items:
+        if i not in todo:
+            i.words = []
+    for group in _alignment_calls(todo):
+        aligned = model.find_alignment(
+            group[0].tokenizer,
+            [i.prefix_tokens + i.tokens for i in group],
+            encoder.rows([i.row for i in group]),
+            [i.num_frames for i in group] if len(group) > 1 else group[0].num_frames,
+        )
+        for n, i in enumerate(group):
+            words = aligned[n] if n < len(aligned) else []
+            i.words = _new_words(words, len(i.prefix_tokens), i.seg_start, i.voiced, policy)
+
+
+def _alignment_calls(items: list[_Item]) -> list[list[_Item]]:
+    """Items grouped into alignment calls whose rows do not affect each other: one
+    language each, and either frame counts that differ (CTranslate2 then trims each
+    row's padding before normalising) or token counts all equal (nothing padded);
+    otherwise each item alone."""
+    calls: list[list[_Item]] = []
+    by_language: dict[str, list[_Item]] = {}
+    for i in items:
+        by_language.setdefault(i.language, []).append(i)
+    for group in by_language.values():
+        frames = {i.num_frames // 2 for i in group}  # the encoder halves them
+        lengths = {len(i.prefix_tokens) + len(i.tokens) for i in group}
+        if len(frames) > 1 or len(lengths) == 1:
+            calls.append(group)
+        else:
+            calls += [[i] for i in group]
+    return calls
