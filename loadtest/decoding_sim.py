@@ -207,6 +207,16 @@ VARIANTS: dict[str, Variant] = {
         context_ms=25000,
         note="the shipped default for tiny.en (retry with beam 3, Silero on the segment)",
     ),
+    "C25RWT": Variant(
+        P(retry_beam_size=5, retry_word_probability=0.5, retry_forced_tail_s=3.0),
+        context_ms=25000,
+        note="C25RW, the retry forcing only the last 3 s of context text",
+    ),
+    "C25RWT6": Variant(
+        P(retry_beam_size=5, retry_word_probability=0.5, retry_forced_tail_s=6.0),
+        context_ms=25000,
+        note="C25RW, the retry forcing only the last 6 s of context text",
+    ),
     "C25P": Variant(
         P0(context_in_prompt=True),
         context_ms=25000,

@@ -151,6 +151,8 @@ async def run_phase(
                 seq += 1
                 if posting is None or posting.done():
                     return
+                if rec.outcome != COMPLETED:  # refused or failed: as a device would, wait
+                    await asyncio.sleep(rec.retry_after or 1.0)
 
         try:
             await asyncio.gather(*(device(i, item) for i, item in enumerate(live)))

@@ -141,12 +141,34 @@ async def test_connection_limits(nats_server, nc: NATS, http) -> None:  # type: 
         a = await http.ws_connect(url)
         b = await http.ws_connect(url)
         status, reason, retry, _ = await refusal(http, url)
-        assert (status, reason) == (429, "too_many_connections") and retry
+        assert (status, reason) == (429, "tenant_quota") and retry  # the tenant's cap
+        async with http.get(url) as r:
+            assert await r.json() == {
+                "reason": "tenant_quota",
+                "quota": "sessions",
+                "limit": 2,
+                "used": 2,
+                "message": "tenant default holds 2 of its 2 sessions on this edge",
+                "retry_after": 5,
+            }
         await a.close()
         await until(lambda: sessions_below(http, edge, 2), 5, "the edge sees the close")
         c = await http.ws_connect(url)  # a slot came free
         await b.close()
         await c.close()
+    # a tenant's own quota replaces the default cap; the edge's limit stays
+    async with run_edge(
+        nats_server.url,
+        require_workers=False,
+        max_connections=3,
+        max_connections_per_tenant=2,
+        tenant_quotas="default:sessions=5",
+    ) as edge:
+        url = f"{edge.url}/v1/stream"
+        held = [await http.ws_connect(url) for _ in range(3)]
+        assert (await refusal(http, url))[:2] == (503, "too_many_connections")
+        for ws in held:
+            await ws.close()
 
 
 async def test_half_open_handshakes_are_closed(nats_server, nc: NATS, http) -> None:  # type: ignore[no-untyped-def]

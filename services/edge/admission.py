@@ -219,12 +219,9 @@ class Admission:
     def _shared(self, tenant: str, now: float) -> bool:
         """Whether a tenant other than `tenant` is known: then shares apply."""
         cfg = self.config
-        if any(t != tenant for t in self.tenants):
-            return True
-        if any(t != tenant for t in cfg.known_tenants) or any(
-            t != tenant for t in cfg.tenant_quotas
-        ):
-            return True
+        for names in (self.tenants, cfg.known_tenants, cfg.tenant_quotas):
+            if len(names) > 1 or (names and tenant not in names):
+                return True
         horizon = now - cfg.tenant_active_s
         if len(self._seen) > 1000:  # forget the long gone
             self._seen = {t: at for t, at in self._seen.items() if at >= horizon}

@@ -173,20 +173,26 @@ class Session:
         return sum(ms for n, ms in self._queued_ms.items() if self.core.owes(n)) / 1000
 
     def _queue(self, frames: list[str]) -> None:
-        settings = self.settings
         for frame in frames:
             if self.slow:
                 return  # closing 4009: what it missed is stored, a resume replays it
             self._outbox.put_nowait(frame)
             self._outbox_bytes += len(frame)
-            unread = self._outbox.qsize()
-            if (
-                unread > settings.outbox_max_frames
-                or self._outbox_bytes > settings.outbox_max_bytes
-            ):
-                self.slow = f"slow reader: {unread} events unread"
-                log.info("session %s: closing %d: %s", self.id, CLOSE_SLOW_READER, self.slow)
-                self.metrics.slow_readers.add(1, self._attrs)
+
+    def _overfull(self) -> int:
+        """The frames waiting for the socket when over the outbox's bounds, else 0."""
+        n, settings = self._outbox.qsize(), self.settings
+        over = n > settings.outbox_max_frames or self._outbox_bytes > settings.outbox_max_bytes
+        return n if over else 0
+
+    async def _check_reader(self) -> None:
+        """Give the writer its turn; still over the bounds, the client is not reading."""
+        if not self._overfull():
+            return
+        await asyncio.sleep(0)
+        if unread := self._overfull():
+            self.slow = f"slow reader: {unread} events unread"
+            self.metrics.slow_readers.add(1, self._attrs)
 
     def _dispatch(self, outputs: list[Output]) -> None:
         for item in outputs:
@@ -275,6 +281,7 @@ class Session:
     async def _read_loop(self) -> tuple[int, str]:
         idle = self.settings.idle_timeout_s
         while True:
+            await self._check_reader()
             if self.slow:
                 return CLOSE_SLOW_READER, self.slow
             left = self.settings.max_session_s - (time.monotonic() - self.started)

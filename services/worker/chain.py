@@ -329,6 +329,34 @@ class Slot:
             self._abandon(future, loop.time())  # shutting down: the thread runs on
             raise
 
+    @property
+    def batches(self) -> bool:
+        """Whether the engine decodes several segments in one call (`transcribe_batch`).
+        Looked up on its class: a fault drill's wrapper does not batch, so every call
+        goes through its faults."""
+        return callable(getattr(type(self.engine), "transcribe_batch", None))
+
+    async def call_batch(
+        self, segments: list[Segment], last: bool = False
+    ) -> list[Transcription | EngineError]:
+        """`transcribe_batch` on the engine's executor, bounded by one deadline for all:
+        `max(engine_deadline_s, engine_deadline_factor x their audio seconds)`."""
+        audio_s = sum(max(0, s.end_ms - s.start_ms) for s in segments) / 1000
+        st = self.settings
+        deadline = max(st.engine_deadline_s, st.engine_deadline_factor * audio_s)
+        deadline *= LAST_RESORT_SCALE if last else 1.0
+        loop = asyncio.get_running_loop()
+        batch = self.engine.transcribe_batch  # type: ignore[union-attr]
+        future = asyncio.wrap_future(self.executor.submit(batch, segments))
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), deadline)  # type: ignore[no-any-return]
+        except TimeoutError:
+            self._abandon(future, loop.time())  # type: ignore[arg-type]
+            raise EngineDeadline(f"{self.name} took over {deadline:g} s") from None
+        except asyncio.CancelledError:
+            self._abandon(future, loop.time())  # type: ignore[arg-type]
+            raise
+
     def _abandon(self, future: asyncio.Future[Transcription], since: float) -> None:
         if future.done():
             return
@@ -469,6 +497,54 @@ class EngineChain:
             raise failure
         assert poison is not None
         raise poison
+
+    async def transcribe_batch(
+        self, segments: list[Segment]
+    ) -> list[tuple[Transcription, str] | Exception]:
+        """`transcribe` of each segment, in order, each an answer or the error it ended
+        with. The first usable engine decodes them in one call when it can batch and its
+        breaker is closed; otherwise, and for any segment the batch did not answer, each
+        goes through `transcribe` on its own. A failed batch call opens the breaker as a
+        failed single call does."""
+        self.active += 1
+        self._idle.clear()
+        try:
+            return await self._transcribe_batch(segments)
+        finally:
+            self.active -= 1
+            if not self.active:
+                self._idle.set()
+
+    async def _transcribe_batch(
+        self, segments: list[Segment]
+    ) -> list[tuple[Transcription, str] | Exception]:
+        order = self.order()
+        out: list[tuple[Transcription, str] | Exception | None] = [None] * len(segments)
+        if len(segments) > 1 and order and order[0].state == CLOSED and order[0].batches:
+            slot = order[0]
+            try:
+                answers = await slot.call_batch(segments, last=len(order) == 1)
+            except Exception as exc:  # noqa: BLE001 - as a failed single call: next engine
+                if slot.trip(exc):
+                    self._probe_later(slot)
+                log.warning(
+                    "a batch of %d segments: %s failed (%s); each on its own",
+                    len(segments), slot.name, exc,
+                )  # fmt: skip
+            else:
+                for k, answer in enumerate(answers):
+                    if isinstance(answer, Transcription):
+                        out[k] = (answer, slot.name)
+                        self._last_good = segments[k]
+        alone = [k for k, o in enumerate(out) if o is None]
+        done = await asyncio.gather(
+            *(self._transcribe(segments[k]) for k in alone), return_exceptions=True
+        )
+        for k, o in zip(alone, done, strict=True):
+            if isinstance(o, BaseException) and not isinstance(o, Exception):
+                raise o  # cancelled: shutting down
+            out[k] = o
+        return out  # type: ignore[return-value]
 
     def _probe_later(self, slot: Slot) -> None:
         running = self._probes.get(slot.name)

@@ -14,7 +14,11 @@ A segment becomes a dead letter in one of two ways:
 The server sends that advisory when the consumer next looks for something to
 deliver, i.e. when some worker pulls; every worker subscribes to it (one queue
 group, so one of them handles each) before it first pulls, so a worker that
-pulls is always there to hear it.
+pulls is always there to hear it. The advisory is core NATS, so it can be
+lost (a reconnect, a slow consumer), and so can a bury that failed: the sweep
+(`services.worker.sweep`) finds such segments from the queue's own state, and
+also segments about to reach ASR_SEGMENTS' `max_age`, which the server would
+delete unannounced. Both paths dead-letter through `give_up_on`.
 
 Either way the steps are: copy to ASR_DEAD (its Nats-Msg-Id is the original
 stream sequence, so doing it twice keeps one copy), an `ErrorResult` to the
@@ -35,6 +39,7 @@ import msgspec
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
+from nats.js.api import RawStreamMsg
 from nats.js.errors import NotFoundError
 
 from jetstream import subjects
@@ -44,6 +49,7 @@ from services.worker.delivery import Delivery
 log = logging.getLogger(__name__)
 
 MAX_DELIVERIES = "max_deliveries"  # the reason code of a segment nobody answered
+EXPIRED = "expired"  # the reason code of a segment about to reach ASR_SEGMENTS' max_age
 _HEADER_VALUE_CHARS = 400
 
 
@@ -214,27 +220,36 @@ class DeadLetters:
             return
         if advisory.stream != subjects.STREAM_SEGMENTS:
             return
-        seq = advisory.stream_seq
-        try:
-            raw = await self.js.get_msg(subjects.STREAM_SEGMENTS, seq)
-        except NotFoundError:
-            return  # acked at the last moment, or another worker got here first
-        except (NatsError, TimeoutError) as exc:
-            log.error(
-                "seq %d exhausted its deliveries but cannot be read (%r); it stays queued", seq, exc
-            )
-            return
-        q = Queued(
-            raw.subject or "", raw.data or b"", dict(raw.headers or {}), seq, advisory.deliveries
-        )
         reason = (
             f"no answer in {advisory.deliveries} deliveries: each worker holding it "
             "died or stalled past ack_wait"
         )
+        await self.give_up_on(advisory.stream_seq, advisory.deliveries, MAX_DELIVERIES, reason)
+
+    async def give_up_on(
+        self, seq: int, attempts: int, code: str, reason: str, raw: RawStreamMsg | None = None
+    ) -> bool:
+        """Dead-letter the segment at `seq` of ASR_SEGMENTS and delete it from the queue.
+
+        The MAX_DELIVERIES advisory and the sweep (`services.worker.sweep`) both end
+        here, so a segment both of them find is kept once and its device told once
+        (see the module doc). `raw`: the message, when the caller has read it already.
+        True when this call dead-lettered it (False: gone already, or NATS failed)."""
+        if raw is None:
+            try:
+                raw = await self.js.get_msg(subjects.STREAM_SEGMENTS, seq)
+            except NotFoundError:
+                return False  # acked at the last moment, or another worker got here first
+            except (NatsError, TimeoutError) as exc:
+                log.error("seq %d: %s, but it cannot be read (%r); it stays queued", seq, code, exc)
+                return False
+        q = Queued(raw.subject or "", raw.data or b"", dict(raw.headers or {}), seq, attempts)
         try:
-            await self.bury(q, MAX_DELIVERIES, reason)
+            await self.bury(q, code, reason)
             await self.js.delete_msg(subjects.STREAM_SEGMENTS, seq)
         except NotFoundError:
-            pass  # deleted meanwhile: done
+            return False  # deleted meanwhile: done
         except (NatsError, TimeoutError) as exc:
-            log.error("seq %d exhausted its deliveries; dead-lettering failed (%r)", seq, exc)
+            log.error("seq %d: %s; dead-lettering failed (%r)", seq, code, exc)
+            return False
+        return True

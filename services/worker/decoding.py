@@ -118,6 +118,10 @@ class DecodePolicy:
     # The same for the wider-beam retry only: beam 5 through a forced context
     # costs five decoder rows per context token (~470 ms with 25 s of context).
     retry_context_in_prompt: bool = False
+    # With > 0: the retry forces only the context words of the last this-many seconds
+    # (timed by the greedy pass's alignment), after a timestamp at their start, and
+    # reads the earlier context as previous text: a few forced steps instead of all.
+    retry_forced_tail_s: float = 0.0
 
     @classmethod
     def for_model(cls, multilingual: bool, **overrides: object) -> DecodePolicy:
@@ -514,12 +518,15 @@ def _decode(model, request: DecodeRequest, policy: DecodePolicy) -> Decoded:  # 
         )
         return result, *_read(result, forced, tokenizer)
 
+    context_words: list[dict] = []  # the context's words as the last alignment timed them
+
     def align(tokens: list[int]) -> list[DecodedWord]:
         if not tokens or not policy.word_timestamps:
             return []
         aligned = model.find_alignment(
             tokenizer, [prefix_tokens + tokens], encoder_output, num_frames
         )
+        context_words[:] = aligned[0] if aligned else []
         return _new_words(
             aligned[0] if aligned else [], len(prefix_tokens), seg_start, voiced, policy
         )
@@ -529,7 +536,14 @@ def _decode(model, request: DecodeRequest, policy: DecodePolicy) -> Decoded:  # 
     words = align(tokens) if policy.retry_word_probability > 0 else None
     if _wants_retry(policy, beam, text, avg_lp, tokens, budget, words):
         beam = policy.retry_beam_size
-        result, tokens, avg_lp, text = run(beam, policy.retry_context_in_prompt)
+        how: bool | str = policy.retry_context_in_prompt
+        if policy.retry_forced_tail_s > 0 and prefix_tokens and context_words and not how:
+            tail = _tail_prompt(
+                tokenizer, prefix_tokens, context_words, seg_start, policy.retry_forced_tail_s
+            )
+            if tail is not None:
+                prompts["tail"], how = tail, "tail"  # type: ignore[index]
+        result, tokens, avg_lp, text = run(beam, how)  # type: ignore[arg-type]
         words = None
     done, stats = _verdict(
         policy, result, tokens, avg_lp, text, beam, language, tokenizer, seg_start, duration
@@ -602,6 +616,26 @@ def _prompt_tokens(
             forced = [tokenizer.timestamp_begin, *forced, tokenizer.timestamp_begin + end]
         prompt += forced
     return prompt, prefix_tokens, forced
+
+
+def _tail_prompt(
+    tokenizer, prefix_tokens: list[int], aligned: list[dict], seg_start: float, tail_s: float
+):  # type: ignore[no-untyped-def]
+    """prev <older context> sot-sequence <|t|> <context words from t on>, t the start of
+    the first context word within `tail_s` of the segment; None if there is none."""
+    n = 0
+    for w in aligned:
+        if n >= len(prefix_tokens):
+            return None
+        start = float(w["start"])
+        if start >= seg_start - tail_s and any(c.isalnum() for c in w["word"]):
+            head, tail = prefix_tokens[:n], prefix_tokens[n:]
+            stamp = tokenizer.timestamp_begin + min(int(start / 0.02), 1500)
+            forced = [stamp, *tail]
+            prev = [tokenizer.sot_prev, *head] if head else []
+            return [*prev, *tokenizer.sot_sequence, *forced], prefix_tokens, forced
+        n += len(w["tokens"])
+    return None
 
 
 def _new_words(

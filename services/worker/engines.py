@@ -18,7 +18,13 @@ import numpy as np
 
 from schemas.pipeline import Result, Segment, Word
 from services.common.audio import wav_bytes
-from services.worker.decoding import DecodePolicy, DecodeRequest, decode, whisper_language
+from services.worker.decoding import (
+    Decoded,
+    DecodePolicy,
+    DecodeRequest,
+    decode,
+    whisper_language,
+)
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +135,42 @@ class WhisperEngine:
         """Decode one segment (services/worker/decoding.py) with its context; words on the
         session timeline, only those inside the segment."""
         started = time.perf_counter()
+        request, origin_ms = self._request(segment)
+        decoded = decode(self.model, request, self.policy if segment.final else self.look_policy)
+        return self._transcription(segment, request, decoded, origin_ms, started)
+
+    def transcribe_batch(self, segments: list[Segment]) -> list[Transcription | EngineError]:
+        """Decode several segments with shared model calls (services/worker/batching.py);
+        each comes out as `transcribe` gives it, or as the `EngineError` it raises (a
+        language the model does not speak). `inference_ms` of each is its share of the
+        batch's time, so that summed they are the time the model was busy."""
+        from services.worker.batching import decode_batch
+
+        started = time.perf_counter()
+        out: list[Transcription | EngineError | None] = [None] * len(segments)
+        groups: dict[bool, list[tuple[int, DecodeRequest, int]]] = {}
+        for k, segment in enumerate(segments):
+            try:
+                request, origin_ms = self._request(segment)
+            except EngineError as exc:
+                out[k] = exc
+                continue
+            groups.setdefault(segment.final, []).append((k, request, origin_ms))
+        for final, group in groups.items():
+            policy = self.policy if final else self.look_policy
+            decoded = decode_batch(self.model, [r for _, r, _ in group], policy)
+            for (k, request, origin_ms), d in zip(group, decoded, strict=True):
+                out[k] = self._transcription(segments[k], request, d, origin_ms, started)
+        share = (time.perf_counter() - started) * 1000 / max(1, len(segments))
+        return [
+            dataclasses.replace(t, inference_ms=share) if isinstance(t, Transcription) else t
+            for t in out
+            if t is not None
+        ]
+
+    def _request(self, segment: Segment) -> tuple[DecodeRequest, int]:
+        """What to decode for `segment`, and the session time of the request's first
+        sample. Raises `PoisonSegment` for a language the model does not speak."""
         language = whisper_language(segment.language) if segment.language else ""
         if language and language not in self.languages:
             raise PoisonSegment(
@@ -156,7 +198,17 @@ class WhisperEngine:
             if segment.session_language
             else "",
         )
-        decoded = decode(self.model, request, self.policy if segment.final else self.look_policy)
+        return request, origin_ms
+
+    def _transcription(
+        self,
+        segment: Segment,
+        request: DecodeRequest,
+        decoded: Decoded,
+        origin_ms: int,
+        started: float,
+    ) -> Transcription:
+        """`decoded` as the segment's answer: words on the session timeline, clipped to it."""
         lo, hi = segment.start_ms, segment.end_ms
         words: list[Word] = []
         for w in decoded.words:
@@ -166,6 +218,6 @@ class WhisperEngine:
         return Transcription(
             text=decoded.text,
             words=words,
-            language=decoded.language or language or request.language_prior or "en",
+            language=decoded.language or request.language or request.language_prior or "en",
             inference_ms=(time.perf_counter() - started) * 1000,
         )

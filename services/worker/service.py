@@ -76,13 +76,17 @@ from services.worker.delivery import Delivery, Lease
 from services.worker.engines import Engine, EngineError, Transcription, result_of
 from services.worker.interims import InterimLooks
 from services.worker.settings import WorkerSettings
+from services.worker.sweep import Sweep
 
 log = logging.getLogger(__name__)
 tracer = get_tracer("escapement.worker")
 
 DEFAULT_ACK_WAIT_S = 30.0  # nats-server's, for a consumer that names none
-# Segments of uploaded files are taken only after this long without live work.
+# Segments of uploaded files are taken when no live final waits: after this long
+# without live work, or, while interim looks keep the worker busy, once this long
+# after the last one was asked for (so an upload moves on however busy sessions are).
 FILE_IDLE_S = 0.3
+FILE_SHARE_S = 2.0
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -106,11 +110,20 @@ class Worker:
             max_workers=settings.concurrency, thread_name_prefix="escapement-engine"
         )
         self.dead = DeadLetters(self.js)
+        self.sweep = Sweep(
+            self.js,
+            self.dead,
+            every_s=settings.sweep_every_s,
+            expiry_margin_s=settings.sweep_expiry_margin_s,
+            settle_s=settings.sweep_settle_s,
+            max_scan=settings.sweep_max_scan,
+        )
         self.ack_wait = DEFAULT_ACK_WAIT_S
         self.max_deliver = settings.max_deliver
         self._jobs: set[asyncio.Task[None]] = set()
         self._files_empty: float | None = None  # start of the last file fetch that was empty
         self._live_seen = 0.0  # when a live final was last fetched or finished here
+        self._file_asked = 0.0  # when a file segment was last asked for
         self.stats = {
             "transcribed": 0,
             "failed": 0,
@@ -118,10 +131,13 @@ class Worker:
             "lapsed": 0,  # deliveries left unanswered because their lease may have lapsed
             "audio_s": 0.0,
             "inference_s": 0.0,
+            "batched": 0,  # segments decoded in a batch of several (batch_max > 1)
         }
         self.ready = asyncio.Event()
         self.metrics = Metrics()
         self.file_idle_s = FILE_IDLE_S
+        self.file_share_s = FILE_SHARE_S
+        self._batch = max(1, settings.batch_max)
 
     async def run_blocking(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
         """`fn(*args, **kwargs)` on the engine's executor, off the event loop."""
@@ -205,16 +221,8 @@ class Worker:
             return
         self.configure(info.config)
         # Before the first pull: the advisory is sent when a worker pulls.
-        advisories: Subscription = await self.nc.subscribe(
-            subjects.ADVISORY_MAX_DELIVERIES,
-            queue=subjects.DEAD_LETTER_QUEUE,
-            cb=self.dead.on_max_deliveries,
-        )
-        file_advisories: Subscription = await self.nc.subscribe(
-            subjects.ADVISORY_MAX_DELIVERIES_FILES,
-            queue=subjects.DEAD_LETTER_QUEUE,
-            cb=self.dead.on_max_deliveries,
-        )
+        advisories = await self._advisories()
+        sweeping = self._start_sweep(stop)
         psub = await self.js.pull_subscribe_bind(
             subjects.CONSUMER_WORKERS, stream=subjects.STREAM_SEGMENTS
         )
@@ -237,14 +245,10 @@ class Worker:
                 polling = looks is not None or files is not None
                 wait = self.settings.interim_poll_s if polling else self.settings.fetch_timeout_s
                 try:
-                    msgs = await psub.fetch(free, timeout=wait)
+                    msgs = await psub.fetch(free * self._batch, timeout=wait)
                 except TimeoutError:  # nats' own, or the plain one a fetch raises between its pulls
                     ended_empty = asked
-                    # No live final waits: an interim look may use the slot, else a
-                    # segment of an uploaded file.
-                    took = bool(looks and await self._take_look(looks))
-                    if not took and files is not None and self._files_due():
-                        await self._take_file_segment(files)
+                    await self._use_idle_slot(looks, files)
                     continue  # nothing queued: not an error
                 except NatsError as exc:  # no leader, reconnecting, ...: the cluster recovers
                     ended_empty = asked
@@ -255,6 +259,9 @@ class Worker:
                     continue
                 granted = self._granted(asked, ended_empty, queued)
                 ended_empty = None
+                if self._batch > 1:  # batching across sessions: up to batch_max per job
+                    await self._start_batches(psub, msgs, granted)
+                    continue
                 for msg in msgs:
                     self._start_job(msg, granted, live=True)
         finally:
@@ -265,8 +272,37 @@ class Worker:
             await self._unsubscribe(psub, "segments")
             if files:
                 await self._unsubscribe(files, "file segments")
-            await self._unsubscribe(advisories, "max-deliveries advisories")
-            await self._unsubscribe(file_advisories, "file max-deliveries advisories")
+            await self._stop_watching_dead(advisories, sweeping)
+
+    async def _advisories(self) -> list[Subscription]:
+        """The MAX_DELIVERIES advisories of both consumers (one queue group for all workers)."""
+        if not self.settings.max_deliveries_advisory:
+            log.warning("fault drill: MAX_DELIVERIES advisories ignored; the sweep alone buries")
+            return []
+        return [
+            await self.nc.subscribe(
+                subject, queue=subjects.DEAD_LETTER_QUEUE, cb=self.dead.on_max_deliveries
+            )
+            for subject in (
+                subjects.ADVISORY_MAX_DELIVERIES,
+                subjects.ADVISORY_MAX_DELIVERIES_FILES,
+            )
+        ]
+
+    async def _stop_watching_dead(
+        self, advisories: list[Subscription], sweeping: asyncio.Task[None] | None
+    ) -> None:
+        if sweeping is not None:
+            sweeping.cancel()
+            await asyncio.gather(sweeping, return_exceptions=True)
+        for sub in advisories:
+            await self._unsubscribe(sub, "max-deliveries advisories")
+
+    def _start_sweep(self, stop: asyncio.Event) -> asyncio.Task[None] | None:
+        """The dead-letter sweep (services/worker/sweep.py), unless `sweep_every_s` is 0."""
+        if self.settings.sweep_every_s <= 0:
+            return None
+        return asyncio.create_task(self.sweep.run(stop), name="dead-letter-sweep")
 
     def _start_job(self, msg: Msg, granted: float, live: bool = False) -> None:
         lease = Lease(granted, self.ack_wait, self.settings.lease_margin_s)
@@ -295,6 +331,20 @@ class Worker:
     def _live_done(self, _: asyncio.Task[None]) -> None:
         self._live_seen = time.monotonic()
 
+    async def _use_idle_slot(
+        self, looks: InterimLooks | None, files: JetStreamContext.PullSubscription | None
+    ) -> None:
+        """No live final waits: a segment of an uploaded file that waited `file_share_s`,
+        else an interim look, else the file's after a lull in live work."""
+        if files is not None and self._file_starved():
+            await self._take_file_segment(files)
+        elif not (looks and await self._take_look(looks)) and files is not None:
+            if self._files_due():
+                await self._take_file_segment(files)
+
+    def _file_starved(self) -> bool:
+        return not self._jobs and time.monotonic() - self._file_asked >= self.file_share_s
+
     def _files_due(self) -> bool:
         """A file segment may take the slot: no live work here for `file_idle_s`.
 
@@ -322,6 +372,7 @@ class Worker:
         One at a time, and only after a fetch of live finals came back empty, so a
         long upload holds a slot for one segment's decode at most, never the queue."""
         asked, queued = time.monotonic(), files.pending_msgs
+        self._file_asked = asked
         try:
             msgs = await files.fetch(1, timeout=self.settings.interim_poll_s)
         except TimeoutError:  # nats' own, or the plain one a fetch raises between its pulls
@@ -421,10 +472,17 @@ class Worker:
             await self._hand_back(delivery, self.settings.nak_delay_s)
 
     async def handle(self, delivery: Delivery) -> None:
+        segment = await self._accept(delivery)
+        if segment is not None:
+            await self._handle_accepted(delivery, segment)
+
+    async def _accept(self, delivery: Delivery) -> Segment | None:
+        """The delivery's segment; None when it was given up on (too many deliveries,
+        undecodable)."""
         attempts = delivery.num_delivered
         if attempts > self.max_deliver:  # only where the consumer itself sets no bound
             await self._give_up(delivery, MAX_DELIVERIES, f"delivered {attempts} times; giving up")
-            return
+            return None
         try:
             segment = decode_segment(delivery.data)
             subjects.check_token(segment.edge_id)  # they become subjects of the result
@@ -432,18 +490,123 @@ class Worker:
         except (msgspec.DecodeError, msgspec.ValidationError, subjects.InvalidToken) as exc:
             log.warning("poison message on %s: %s", delivery.subject, exc)
             await self._give_up(delivery, "bad_segment", f"undecodable segment: {exc}")
+            return None
+        return segment
+
+    @staticmethod
+    def _span_attributes(delivery: Delivery, segment: Segment) -> dict[str, str | int]:
+        return {
+            "escapement.session": segment.session_id,
+            "escapement.segment": segment.segment,
+            "escapement.tenant": segment.tenant,
+            "escapement.delivery": delivery.num_delivered,
+        }
+
+    # --- batching across sessions (settings.batch_max > 1) ---------------------------
+
+    async def _start_batches(
+        self, psub: JetStreamContext.PullSubscription, msgs: list[Msg], granted: float
+    ) -> None:
+        """Fetched live finals in jobs of up to `batch_max`. A fetch short of a full
+        batch waits up to `batch_wait_ms` for more, so a lone segment is held back no
+        longer than that. The lease of each counts from `granted`, the first fetch's
+        start (earlier than the server's timer for those fetched after)."""
+        until = time.monotonic() + self.settings.batch_wait_ms / 1000
+        while len(msgs) % self._batch and (left := until - time.monotonic()) > 0:
+            try:
+                msgs += await psub.fetch(self._batch - len(msgs) % self._batch, timeout=left)
+            except TimeoutError:  # nats' own, or the plain one a fetch raises between its pulls
+                break
+            except NatsError as exc:
+                log.info("batch top-up fetch failed: %r", exc)
+                break
+        for i in range(0, len(msgs), self._batch):
+            self._start_batch(msgs[i : i + self._batch], granted)
+
+    def _start_batch(self, msgs: list[Msg], granted: float) -> None:
+        if len(msgs) == 1:
+            self._start_job(msgs[0], granted, live=True)
             return
+        deliveries = [
+            Delivery(m, Lease(granted, self.ack_wait, self.settings.lease_margin_s), self.nc,
+                     on_lapsed=self._count_lapse)
+            for m in msgs
+        ]  # fmt: skip
+        task = asyncio.create_task(self._batch_job(deliveries))
+        self._jobs.add(task)
+        task.add_done_callback(self._jobs.discard)
+        self._live_seen = time.monotonic()
+        task.add_done_callback(self._live_done)
+
+    async def _batch_job(self, deliveries: list[Delivery]) -> None:
+        try:
+            await self._handle_batch(deliveries)
+        except Exception:
+            log.exception(
+                "a batch of %d segments: unexpected failure; handing back", len(deliveries)
+            )
+            for delivery in deliveries:
+                if not delivery.answered:
+                    await self._hand_back(delivery, self.settings.nak_delay_s)
+
+    async def _handle_batch(self, deliveries: list[Delivery]) -> None:
+        """As `handle`, for several deliveries decoded in one engine call: each keeps its
+        lease meanwhile, and each result is published and acked (or its failure handled)
+        as if it had been decoded alone."""
+        accepted = [(d, s) for d in deliveries if (s := await self._accept(d)) is not None]
+        if len(accepted) == 1:
+            await self._handle_accepted(*accepted[0])
+            return
+        if not accepted:
+            return
+        spans = [
+            tracer.start_span(
+                "segment.transcribe",
+                context=extract_context(d.headers),
+                attributes={**self._span_attributes(d, s), "escapement.batch": len(accepted)},
+            )
+            for d, s in accepted
+        ]
+        self.stats["batched"] += len(accepted)
+        every = self.settings.in_progress_every_s
+        try:
+            try:
+                async with contextlib.AsyncExitStack() as leases:
+                    for d, _ in accepted:
+                        await leases.enter_async_context(d.kept_alive(every))
+                    chain = self.chain  # a hot swap from here on: this batch ends on this chain
+                    assert chain is not None
+                    outcomes = await chain.transcribe_batch([s for _, s in accepted])
+            except asyncio.CancelledError:
+                for d, _ in accepted:
+                    await self._hand_back(d, None)  # shutting down
+                raise
+            await asyncio.gather(
+                *(self._conclude(d, s, o) for (d, s), o in zip(accepted, outcomes, strict=True))
+            )
+        finally:
+            for span in spans:
+                span.end()
+
+    async def _handle_accepted(self, delivery: Delivery, segment: Segment) -> None:
         with tracer.start_as_current_span(
             "segment.transcribe",
             context=extract_context(delivery.headers),
-            attributes={
-                "escapement.session": segment.session_id,
-                "escapement.segment": segment.segment,
-                "escapement.tenant": segment.tenant,
-                "escapement.delivery": attempts,
-            },
+            attributes=self._span_attributes(delivery, segment),
         ):
             await self._transcribe(delivery, segment)
+
+    async def _conclude(
+        self, delivery: Delivery, segment: Segment, outcome: tuple[Transcription, str] | Exception
+    ) -> None:
+        """One segment of a batch: its result published and acked, or its failure handled
+        as `_transcribe` handles it."""
+        if isinstance(outcome, tuple):
+            await self._answer(delivery, segment, *outcome)
+        elif isinstance(outcome, EngineError) and not outcome.retryable:
+            await self._give_up(delivery, outcome.code, str(outcome))
+        else:
+            await self._retry_or_give_up(delivery, segment, outcome)
 
     async def _transcribe(self, delivery: Delivery, segment: Segment) -> None:
         every = self.settings.in_progress_every_s
@@ -464,6 +627,13 @@ class Worker:
         except Exception as exc:  # noqa: BLE001 - any engine failure is retried, bounded
             await self._retry_or_give_up(delivery, segment, exc)
             return
+        await self._answer(delivery, segment, transcription, engine)
+
+    async def _answer(
+        self, delivery: Delivery, segment: Segment, transcription: Transcription, engine: str
+    ) -> None:
+        """Publish the result (through NATS outages, keeping the lease), then ack."""
+        every = self.settings.in_progress_every_s
         result = result_of(segment, transcription, engine)
         # A NATS outage (a cluster electing a leader) must not use up deliveries:
         # keep the lease and retry the publish for a while before handing it back.
@@ -553,6 +723,7 @@ class Worker:
             "concurrency": self.settings.concurrency,
             "in_flight": len(self._jobs),
             "dead_lettered": self.dead.buried,
+            "swept": {"exhausted": self.sweep.stats.exhausted, "expired": self.sweep.stats.expired},
             "languages": list(getattr(self.engine, "languages", None) or []),
             **self.stats,
             "time": time.time(),

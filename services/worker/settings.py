@@ -41,3 +41,19 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True):
     remote_model: str = "whisper-1"  # the model openai: engines ask their server for
     remote_timeout_s: float = 30.0
     faults: str = ""  # fault drills only (chain.parse_faults), e.g. "base:hang=0.5,error=0.1"
+    # Batching across sessions (services/worker/batching.py): up to batch_max queued live
+    # finals decoded in one engine call; a fetch short of that waits at most
+    # batch_wait_ms for more. 1: each segment alone. Measured on 2 CPU cores (tiny.en,
+    # loadtest/README.md "Batching"): no gain there, so off by default.
+    batch_max: int = 1
+    batch_wait_ms: float = 20.0
+    # The dead-letter sweep (services/worker/sweep.py): segments whose deliveries ran out
+    # with the MAX_DELIVERIES advisory lost, and segments near ASR_SEGMENTS' max_age, are
+    # dead-lettered and their devices told within about one sweep.
+    sweep_every_s: float = 10.0  # 0: no sweep
+    sweep_expiry_margin_s: float = 300.0  # this long before max_age (at most half of it)
+    sweep_settle_s: float = 30.0  # a segment the counts leave in doubt waits this long
+    sweep_max_scan: int = 1000  # messages read per sweep, at most
+    # Fault drill only: false drops the MAX_DELIVERIES advisory subscription, as if every
+    # advisory were lost (the sweep alone then finds exhausted segments).
+    max_deliveries_advisory: bool = True
