@@ -73,7 +73,7 @@ async def test_reconnect_storm(edge_process: Edge) -> None:
 
             outcomes = Counter(await asyncio.gather(*(staggered(i) for i in range(n))))
             assert sum(outcomes.values()) == n
-            assert set(outcomes) <= {"admitted", "too_many_connections"}, outcomes
+            assert set(outcomes) <= {"admitted", "too_many_connections", "tenant_quota"}, outcomes
             assert outcomes["admitted"] > 0
         await asyncio.sleep(1.0)
         settled.append(edge_process.rss())
@@ -85,9 +85,10 @@ async def test_reconnect_storm(edge_process: Edge) -> None:
         f"storm: {dict(outcomes)}; edge RSS {baseline >> 20} MiB -> {[m >> 20 for m in settled]} MiB"
     )
     # CPython keeps freed arenas, so RSS settles above the baseline; what must not
-    # happen is the same storm costing as much again (a leak): the first took ~60 MiB
+    # happen is the same storm costing as much again (a leak): the first takes ~60-85 MiB
+    # (2,000 sockets' worth of aiohttp and session state, kept as free arenas)
     assert settled[1] - settled[0] < 32 << 20, "memory grows storm after storm"
-    assert settled[1] - baseline < 80 << 20
+    assert settled[1] - baseline < 100 << 20
 
 
 async def test_slow_loris_is_shed_while_a_real_session_is_served(
@@ -171,7 +172,7 @@ def test_fuzz_control_and_chunk_decoders(data: bytes) -> None:
     st.dictionaries(st.sampled_from(["token"]), st.text(max_size=80)),
 )
 def test_fuzz_credentials(headers: dict[str, str], query: dict[str, str]) -> None:
-    auth = Authenticator(b"k" * 32, {}, enabled=True)
+    auth = Authenticator(bytes(range(32)), {}, enabled=True)
     try:
         auth.authenticate(headers, query)
     except AuthError as exc:

@@ -63,6 +63,7 @@ from jetstream import subjects
 from observability.metrics import Metrics
 from observability.tracing import extract_context, get_tracer
 from schemas.pipeline import Result, ResultMessage, Segment, decode_segment, encode_result
+from services.common.supervise import start_supervised
 from services.worker.chain import (
     EngineChain,
     EngineSpec,
@@ -302,7 +303,9 @@ class Worker:
         """The dead-letter sweep (services/worker/sweep.py), unless `sweep_every_s` is 0."""
         if self.settings.sweep_every_s <= 0:
             return None
-        return asyncio.create_task(self.sweep.run(stop), name="dead-letter-sweep")
+        return start_supervised(
+            "dead-letter-sweep", lambda: self.sweep.run(stop), restarts=self.metrics.loop_restarts
+        )
 
     def _start_job(self, msg: Msg, granted: float, live: bool = False) -> None:
         lease = Lease(granted, self.ack_wait, self.settings.lease_margin_s)

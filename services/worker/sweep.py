@@ -110,7 +110,10 @@ class Sweep:
         self._first: tuple[int, float | None] = (0, None)  # (first seq, its timestamp)
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Sweep every `every_s` (at a random phase, so workers spread out) until `stop`."""
+        """Sweep every `every_s` (at a random phase, so workers spread out) until `stop`.
+
+        An unexpected exception ends it; the worker runs it supervised
+        (services/common/supervise.py), which logs, counts and restarts it."""
         pause = random.uniform(0, self.every_s)
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
@@ -123,9 +126,7 @@ class Sweep:
             except (NatsError, TimeoutError) as exc:  # an outage: the next sweep retries
                 self.stats.failures += 1
                 log.warning("dead-letter sweep cut short (%r); next in %g s", exc, self.every_s)
-            except Exception:  # noqa: BLE001 - the sweep is the last safety net: keep it alive
-                self.stats.failures += 1
-                log.exception("dead-letter sweep failed; next in %g s", self.every_s)
+            # anything else ends this run: the worker supervises it and starts it again
 
     async def sweep_once(self) -> dict[str, int]:
         """One look at the queue; what was dead-lettered, by reason."""
