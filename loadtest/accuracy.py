@@ -611,6 +611,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sessions", type=int, help="real-speech sessions to build (default 6)")
     p.add_argument("--no-interims", action="store_true", help="stream with interim_results=false")
     p.add_argument(
+        "--chunk-ms",
+        type=int,
+        default=100,
+        help="audio per frame the devices send (default 100; 20 is a VoIP frame)",
+    )
+    p.add_argument(
         "--no-offline", action="store_true", help="skip the offline decode (latency runs)"
     )
     p.add_argument("--json", dest="json_out", help="also write the report as JSON here")
@@ -681,7 +687,12 @@ async def run(args: argparse.Namespace) -> int:
             if why is not None:
                 print(f"loadtest.accuracy: {url} is not ready: {why}", file=sys.stderr)
                 return 3
-            opts = SessionOptions(url=url, token=token, interim_results=not args.no_interims)
+            opts = SessionOptions(
+                url=url,
+                token=token,
+                interim_results=not args.no_interims,
+                chunk_ms=args.chunk_ms,
+            )
             cpu0 = pipeline_cpu_s(spawned)
             clock0 = time.monotonic()
             ticker = asyncio.create_task(live.run(clock0, []))

@@ -8,6 +8,7 @@ prompts of `loadtest.realspeech`) and espeak-ng speech, a real nats-server.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import msgspec
 import pytest
@@ -20,6 +21,7 @@ from observability.metrics import Metrics
 from schemas.pipeline import Result, Segment, decode_result, encode_segment
 from services.worker.batching import decode_batch
 from services.worker.chain import EngineSpec, build_chain
+from services.worker.decoding import decode
 from services.worker.engines import (
     PoisonSegment,
     RetryableEngineError,
@@ -61,6 +63,20 @@ def test_batched_decode_is_the_decode_of_each_alone(engine: WhisperEngine, windo
             for k, decoded in zip(batch, out, strict=True):
                 assert decoded.text == alone[k].text, (layout, k)
                 assert decoded == alone[k], (layout, k)
+
+
+def test_batched_retry_with_a_forced_tail_is_the_decode_alone(
+    engine: WhisperEngine, windows
+) -> None:  # type: ignore[no-untyped-def]
+    """The same with the retry forcing only the context's last seconds (a policy
+    variant: its prompts differ in shape per segment, so they go in separate calls)."""
+    requests, _ = windows
+    policy = dataclasses.replace(engine.policy, retry_forced_tail_s=3.0)
+    alone = [decode(engine.model, r, policy) for r in requests]
+    for batch in ([7, 5, 3, 1], [6, 0, 4, 2]):
+        out = decode_batch(engine.model, [requests[k] for k in batch], policy)
+        for k, decoded in zip(batch, out, strict=True):
+            assert decoded == alone[k], k
 
 
 def _segment(speech, number: int) -> Segment:  # type: ignore[no-untyped-def]

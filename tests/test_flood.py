@@ -47,7 +47,7 @@ SENTENCES = [
 
 @pytest.fixture
 async def edge_process(nats_server, nc, tmp_path: Path) -> AsyncIterator[Edge]:  # type: ignore[no-untyped-def]
-    edge = await asyncio.to_thread(Edge, nats_server.url, tmp_path / "edge.log", log_level="INFO")
+    edge = await asyncio.to_thread(Edge, nats_server.url, tmp_path / "edge.log")
     try:
         async with aiohttp.ClientSession() as http:
             await edge.ready(http)
@@ -67,12 +67,14 @@ class Flooder:
     It answers pings (a reader runs) but never waits for anything else. Once the
     edge stops reading it (pacing), TCP pushes back and its sends block."""
 
-    def __init__(self) -> None:
+    def __init__(self, pace: str = "realtime") -> None:
+        self.pace = pace
         self.sent_at: list[float] = []  # when each frame was handed to the socket
         self.closed_by_edge: int | None = None
 
     async def run(self, http: aiohttp.ClientSession, url: str) -> None:
-        async with http.ws_connect(f"{url}/v1/stream?framing=msgpack&sample_rate=48000") as ws:
+        query = f"framing=msgpack&sample_rate=48000&pace={self.pace}"
+        async with http.ws_connect(f"{url}/v1/stream?{query}") as ws:
             started = ev.decode_event((await ws.receive(timeout=10)).data)
             assert isinstance(started, ev.SessionStarted)
             reader = asyncio.create_task(_drain(ws))
@@ -123,11 +125,14 @@ def p99(values: list[float]) -> float:
     return statistics.quantiles(values, n=100)[98]
 
 
+@pytest.mark.parametrize("pace", ["realtime", "fast"])
 async def test_gap_flood_does_not_freeze_the_edge(
-    edge_process: Edge, nats_server, engine, make_test_speech
+    edge_process: Edge, nats_server, engine, make_test_speech, pace: str
 ) -> None:  # type: ignore[no-untyped-def]
     """A device sending gap-claiming chunks at full speed, while another speaks in real
-    time: `/healthz` answers in under 100 ms (p99), and the speaker gets its finals."""
+    time: `/healthz` answers in under 100 ms (p99), and the speaker gets its finals.
+    With `pace=fast` too (a file upload's opt-out of pacing): it covers the audio a
+    device sends, never silence it only claims."""
     speech = make_test_speech(SENTENCES)
     stop = asyncio.Event()
     async with (
@@ -138,7 +143,7 @@ async def test_gap_flood_does_not_freeze_the_edge(
     ):
         await until(lambda: ready(prober, edge_process.url), within=30, message="edge ready")
         cpu_before = edge_process.cpu_s()
-        flooder = Flooder()
+        flooder = Flooder(pace)
         flooding = asyncio.create_task(flooder.run(flooding_http, edge_process.url))
         probing = asyncio.create_task(probe_healthz(prober, edge_process.url, stop))
         try:
@@ -172,7 +177,7 @@ async def test_gap_flood_does_not_freeze_the_edge(
 
 # --- a fuzz pass over the numbered-chunk stream -----------------------------------
 
-CLAIM_CAP_MS = 10_000  # gap claims per stream in all (throttling beyond the burst slows the run)
+CLAIM_CAP_MS = 30_000  # gap claims per stream in all, within the burst the edge allows
 Op = tuple[object, ...]
 # (weight, ops): mostly what a lossy network does to a well-behaved device's chunks,
 # now and then what only a broken or hostile device sends
@@ -324,17 +329,19 @@ async def play_one(
 
 async def test_fuzz_chunk_streams_keep_the_loop_responsive(nats_server, nc) -> None:  # type: ignore[no-untyped-def]
     """Streams of numbered chunks with gap, duplicate, reorder, huge-seq and capture_ms
-    claims, three sessions at a time, against a real edge (no worker: segments wait in
-    the queue): every session ends with 1000 or 1007 and a reason, the edge's event loop
-    is never more than 50 ms late, and its memory does not keep growing."""
+    claims, up to four sessions at a time, against a real edge in this process (no
+    worker: segments wait in the queue): every session ends with 1000 or 1007 and a
+    reason, the edge's event loop is never blocked 50 ms by its own work, and its
+    memory does not keep growing. The devices run in another thread, on a loop of
+    their own, so the probe in the edge's loop measures the edge."""
     process = psutil.Process()
     # No worker answers: the segments queued are never taken, so admission must not
-    # count them against new sessions here.
+    # count them against new sessions here. A 60 s burst: pacing (the flood test above)
+    # must not hide the work; every claim here is filled and heard at full speed.
     unlimited = {"backlog_high_per_worker": 10**6, "queued_audio_per_worker_s": 1e9}
     async with run_edge(
-        nats_server.url, require_workers=False, close_wait_s=1.0, **unlimited
+        nats_server.url, require_workers=False, close_wait_s=1.0, audio_burst_s=60.0, **unlimited
     ) as edge:
-        loop = asyncio.get_running_loop()
         endings: Counter[str] = Counter()
 
         @settings(
@@ -361,7 +368,6 @@ async def test_fuzz_chunk_streams_keep_the_loop_responsive(nats_server, nc) -> N
         await until(lambda: _all_closed(edge), within=10, message="every session closed")
         gc.collect()
         grown = (process.memory_info().rss - rss_before) / 2**20
-        del loop
     busy, wall = max(lag.busy_ms), max(lag.lags_ms)
     print(
         f"\nfuzz: {sum(endings.values())} sessions in {took:.1f} s, endings {dict(endings)};"

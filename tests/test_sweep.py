@@ -303,3 +303,61 @@ def _keep(into: list[Msg]):  # type: ignore[no-untyped-def]
         into.append(msg)
 
     return cb
+
+
+async def test_sweep_leaves_a_segment_being_decoded_alone(nc: NATS) -> None:
+    """An exhausted segment below one a worker is decoding (renewing its lease): the
+    counts say one of the two is exhausted; the sweep buries the older once it has
+    stayed a candidate `settle_s`, and never the one in progress."""
+    js = nc.jetstream()
+    await set_ack_wait(js, 0.5)
+    psub = await js.pull_subscribe_bind(subjects.CONSUMER_WORKERS, stream=subjects.STREAM_SEGMENTS)
+    for number in (0, 1):
+        await js.publish(
+            subjects.segments_subject("e1", "s1"),
+            encode_segment(
+                Segment(
+                    session_id="s1",
+                    edge_id="e1",
+                    segment=number,
+                    start_ms=0,
+                    end_ms=1000,
+                    sample_rate=16000,
+                    pcm=bytes(32000),
+                )
+            ),
+            headers={subjects.Header.MSG_ID: subjects.segment_msg_id("s1", number)},
+        )
+    [first] = await psub.fetch(1, timeout=2)
+    [second] = await psub.fetch(1, timeout=2)
+    assert first.metadata.sequence.stream == 1
+
+    async def decoding() -> None:  # the second one's worker keeps its lease
+        while True:
+            await second.in_progress()
+            await asyncio.sleep(0.1)
+
+    holder = asyncio.create_task(decoding())
+    try:
+        for _ in range(MAX_DELIVER - 1):  # the first one: delivered and never answered
+            await asyncio.sleep(0.6)
+            [again] = await psub.fetch(1, timeout=2)
+            assert again.metadata.sequence.stream == 1
+        await asyncio.sleep(0.6)
+        with pytest.raises(TimeoutError):  # its deliveries are used up
+            await psub.fetch(1, timeout=0.5)
+        sweep = Sweep(js, DeadLetters(js), settle_s=1.0)
+        assert await sweep.sweep_once() == {"max_deliveries": 0, "expired": 0}  # not settled
+        await asyncio.sleep(1.1)
+        assert await sweep.sweep_once() == {"max_deliveries": 1, "expired": 0}
+    finally:
+        holder.cancel()
+    [letter] = [d.letter for d in await read_all(js)]
+    assert letter.segment_id == "s1:0"
+    await second.ack()
+    await until(lambda: _empty(js), within=5, message="queue empty")
+    await psub.unsubscribe()
+
+
+async def _empty(js: JetStreamContext) -> bool:
+    return await queued(js) == 0

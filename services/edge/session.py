@@ -136,6 +136,7 @@ class Session:
         self._tasks: list[asyncio.Task[None]] = []
         self.started = time.monotonic()
         self._audio_s = 0.0
+        self._claimed_s = 0.0  # of it, silence filled in for claimed gaps
         self.closed_normally = False
         self.close_code: int | None = None  # the code this edge closed with, if it closed first
         self.superseded = False  # resumed on another socket: that one owns the record now
@@ -360,19 +361,22 @@ class Session:
 
     # --- inbound --------------------------------------------------------------
 
-    async def _pace(self, n_bytes: int) -> None:
+    async def _pace(self, n_bytes: int, filled_ms: float = 0.0) -> None:
         """Hold a device that sends faster than real time (beyond a burst) to the rate limit.
 
         Counted on the repaired timeline (silence filled in for lost chunks included),
-        so a chunk claiming a long gap costs its claim, not its size. Not reading the
-        socket lets TCP push back on the sender; nothing is dropped.
+        so a chunk claiming a long gap costs its claim, not its size. `pace=fast` (a
+        file upload) is exempt for the audio it sends, never for the silence it only
+        claims (`filled_ms`): no session claims more gap than wall time allows. Not
+        reading the socket lets TCP push back on the sender; nothing is dropped.
         """
         self._audio_s += n_bytes / 2 / self.params.sample_rate
+        self._claimed_s += filled_ms / 1000
         limit = self.settings.max_audio_rate
-        if self.params.fast or limit <= 0:
+        if limit <= 0:
             return
         allowed = (time.monotonic() - self.started) * limit + self.settings.audio_burst_s
-        ahead = self._audio_s - allowed
+        ahead = (self._claimed_s if self.params.fast else self._audio_s) - allowed
         if ahead > 0:
             self.counters.throttled_s += ahead / limit
             await asyncio.sleep(ahead / limit)
@@ -380,10 +384,15 @@ class Session:
     async def _on_audio(self, data: bytes) -> None:
         self.counters.frames_in += 1
         self.counters.bytes_in += len(data)
-        fed = self.core.fed_bytes
+        fed, filled = self.core.fed_bytes, self._filled_ms()
         self._feed(data)
         self._queue(self.dialect.audio(data, self.core))
-        await self._pace(self.core.fed_bytes - fed)
+        await self._pace(self.core.fed_bytes - fed, self._filled_ms() - filled)
+
+    def _filled_ms(self) -> float:
+        """Silence the timeline filled in for chunks claimed lost, so far."""
+        timeline = self.core.timeline
+        return timeline.stats.silence_ms if timeline is not None else 0.0
 
     def _feed(self, data: bytes) -> None:
         try:

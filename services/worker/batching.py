@@ -4,9 +4,14 @@
 `services.worker.decoding.decode` gives for each request alone, with the model
 steps shared: one encoder call on the stacked 30 s windows, one greedy
 `generate` on all the prompts, one alignment call, then the per-item retry
-decisions, the wider-beam retries in one `generate`, their alignment in one
-call, and the per-item word gates (voiced spans, Silero). The segments that a
-forced context silenced are decoded again on their own, batched too.
+decisions, the wider-beam retries batched (those of equal `max_length`, see
+below), their alignment in one call, and the per-item word gates (voiced spans,
+Silero). The segments that a forced context silenced are decoded again on their
+own, batched too.
+
+Measured on 2 CPU cores (tiny.en int8, loadtest/README.md "Batching"): no step
+is cheaper per item in a batch there, so batching is off by default
+(`WorkerSettings.batch_max` 1); it is meant for a GPU.
 
 CTranslate2's Whisper takes a batch of prompts under two conditions
 (src/models/whisper.cc `check_prompts`): every prompt has its
@@ -24,9 +29,9 @@ is done about it:
   budget). Greedy decoding is causal, so a row that stopped before its own
   limit stopped the same way alone; a row that reached it (a repetition loop)
   is decoded again alone with its own limit. Beam search may run past the
-  point where the shorter limit would have ended it and still pick an earlier
-  hypothesis, so for the retry a row is also decoded alone when its greedy
-  result used its whole budget.
+  point where a shorter limit would have ended it and still pick an earlier
+  hypothesis, with no sign of it in the result: wider-beam retries share a
+  call only with retries of the same `max_length`.
 - Alignment of a batch pads the token sequences. With equal frame counts
   CTranslate2 normalises the attention over the padded token axis, so such a
   call is only made when the token counts are equal too; otherwise each item
@@ -37,8 +42,12 @@ is done about it:
   models without a language), which is per item anyway.
 
 Row independence of the matrix products themselves (int8 GEMMs, the encoder's
-convolutions) is CTranslate2's; `tests/test_batching.py` checks the result on
-recorded speech, and `loadtest/batching.py` measures what batching gains.
+convolutions) is CTranslate2's; `tests/test_batching.py` checks it on recorded
+speech on the CPU (equal in every field, in two batch layouts), and
+`loadtest/batching.py` counts differences while it measures. On a GPU the
+kernels chosen may depend on the batch size, and a subset of rows is encoded
+again rather than copied: run the benchmark there and read its "differ" column
+before turning batching on.
 """
 
 from __future__ import annotations
@@ -67,6 +76,7 @@ from services.worker.decoding import (
     _prompt_tokens,
     _read,
     _shifted,
+    _tail_prompt,
     _tokenizer,
     _verdict,
     _wants_retry,
@@ -131,7 +141,7 @@ class _Item:
     num_frames: int
     language: str
     tokenizer: object
-    prompts: dict[bool, tuple[list[int], list[int], list[int]]]
+    prompts: dict[bool | str, tuple[list[int], list[int], list[int]]]
     prefix_tokens: list[int]
     budget: int
     row: int = 0
@@ -141,6 +151,8 @@ class _Item:
     avg_lp: float = 0.0
     text: str = ""
     words: list[DecodedWord] | None = None
+    how: bool | str = False  # which prompt of `prompts` the next generate uses
+    context_words: list[dict] = field(default_factory=list)  # as the last alignment timed them
 
 
 def _decode_many(model, requests: list[DecodeRequest], policy: DecodePolicy) -> list[Decoded]:  # type: ignore[no-untyped-def]
@@ -152,50 +164,27 @@ def _decode_many(model, requests: list[DecodeRequest], policy: DecodePolicy) -> 
     out: list[Decoded | None] = [None] * len(requests)
     items: dict[int, _Item] = {}
     for k, request in enumerate(requests):
-        audio, seg_start, voiced, context_text = _fit_window(request, policy)
-        duration = len(audio) / SAMPLE_RATE
-        seg_dur = max(0.0, duration - seg_start)
-        if seg_dur <= 0.05:
-            out[k] = Decoded(skipped="empty")
-            continue
-        features = model.feature_extractor(audio)
-        language = request.language or "en"
-        tokenizer = _tokenizer(model, language)
-        prompts = {
-            in_prompt: _prompt_tokens(
-                model, tokenizer, request.prompt, context_text, seg_start, policy, in_prompt
-            )
-            for in_prompt in {policy.context_in_prompt, policy.retry_context_in_prompt}
-        }
-        prefix_tokens = prompts[policy.context_in_prompt][1]
-        items[k] = _Item(
-            audio=audio,
-            seg_start=seg_start,
-            voiced=voiced,
-            duration=duration,
-            features=features,
-            num_frames=features.shape[-1] - 1,
-            language=language,
-            tokenizer=tokenizer,
-            prompts=prompts,
-            prefix_tokens=prefix_tokens,
-            budget=_budget(policy, seg_dur, duration, prefix_tokens),
-            row=len(items),
-        )
+        prepared = _prepare(model, request, policy, row=len(items))
+        if isinstance(prepared, Decoded):
+            out[k] = prepared
+        else:
+            items[k] = prepared
     if not items:
         return out  # type: ignore[return-value]
     live = list(items.values())
     encoder = _Encoded(model, np.stack([pad_or_trim(i.features) for i in live]))
 
     beam = policy.beam_size
-    _run(model, encoder, live, policy, beam, policy.context_in_prompt)
+    _run(model, encoder, live, policy, beam)
     if policy.retry_word_probability > 0:
         _align(model, encoder, live, policy)
     retry = [
         i for i in live if _wants_retry(policy, beam, i.text, i.avg_lp, i.tokens, i.budget, i.words)
     ]
     if retry:
-        _run(model, encoder, retry, policy, policy.retry_beam_size, policy.retry_context_in_prompt)
+        for i in retry:
+            _retry_prompt(i, policy)
+        _run(model, encoder, retry, policy, policy.retry_beam_size)
         for i in retry:
             i.words = None
     pending: dict[int, dict] = {}
@@ -213,6 +202,51 @@ def _decode_many(model, requests: list[DecodeRequest], policy: DecodePolicy) -> 
         i = items[k]
         out[k] = _finish(i.words or [], i.audio, i.voiced, policy, i.seg_start, stats)
     return out  # type: ignore[return-value]
+
+
+def _prepare(model, request: DecodeRequest, policy: DecodePolicy, row: int) -> _Item | Decoded:  # type: ignore[no-untyped-def]
+    """What `_decode` computes before the encoder, or its answer for an empty window."""
+    audio, seg_start, voiced, context_text = _fit_window(request, policy)
+    duration = len(audio) / SAMPLE_RATE
+    seg_dur = max(0.0, duration - seg_start)
+    if seg_dur <= 0.05:
+        return Decoded(skipped="empty")
+    features = model.feature_extractor(audio)
+    language = request.language or "en"
+    tokenizer = _tokenizer(model, language)
+    prompts: dict[bool | str, tuple[list[int], list[int], list[int]]] = {
+        in_prompt: _prompt_tokens(
+            model, tokenizer, request.prompt, context_text, seg_start, policy, in_prompt
+        )
+        for in_prompt in {policy.context_in_prompt, policy.retry_context_in_prompt}
+    }
+    prefix_tokens = prompts[policy.context_in_prompt][1]
+    return _Item(
+        audio=audio,
+        seg_start=seg_start,
+        voiced=voiced,
+        duration=duration,
+        features=features,
+        num_frames=features.shape[-1] - 1,
+        language=language,
+        tokenizer=tokenizer,
+        prompts=prompts,
+        prefix_tokens=prefix_tokens,
+        budget=_budget(policy, seg_dur, duration, prefix_tokens),
+        row=row,
+        how=policy.context_in_prompt,
+    )
+
+
+def _retry_prompt(i: _Item, policy: DecodePolicy) -> None:
+    """The wider-beam retry's prompt, chosen as `_decode` chooses it."""
+    i.how = policy.retry_context_in_prompt
+    if policy.retry_forced_tail_s > 0 and i.prefix_tokens and i.context_words and not i.how:
+        tail = _tail_prompt(
+            i.tokenizer, i.prefix_tokens, i.context_words, i.seg_start, policy.retry_forced_tail_s
+        )
+        if tail is not None:
+            i.prompts["tail"], i.how = tail, "tail"
 
 
 class _Encoded:
@@ -246,20 +280,23 @@ def _shape(prompt: list[int], tokenizer) -> tuple[int, int]:  # type: ignore[no-
     return sot, end
 
 
-def _run(model, encoder: _Encoded, items: list[_Item], policy, beam: int, in_prompt: bool) -> None:  # type: ignore[no-untyped-def]
-    """One generate per group of compatible prompts; sets each item's result."""
+def _run(model, encoder: _Encoded, items: list[_Item], policy, beam: int) -> None:  # type: ignore[no-untyped-def]
+    """One generate per group of compatible prompts; sets each item's result. Greedy
+    rows share the largest `max_length` of their group (a row that reaches its own is
+    decoded again alone); wider beams are grouped by their own `max_length` too."""
     groups: dict[tuple, list[_Item]] = {}
     for i in items:
-        prompt, _, forced = i.prompts[in_prompt]
-        key = (_shape(prompt, i.tokenizer), _initial(policy, forced, in_prompt), i.language)
+        prompt, _, forced = i.prompts[i.how]
+        limit = _max_length(model, forced, i.budget) if beam > 1 else 0
+        key = (_shape(prompt, i.tokenizer), _initial(policy, forced, i.how), i.language, limit)
         groups.setdefault(key, []).append(i)
-    for (_, initial, _), group in groups.items():
-        limits = [_max_length(model, i.prompts[in_prompt][2], i.budget) for i in group]
+    for (_, initial, _, _), group in groups.items():
+        limits = [_max_length(model, i.prompts[i.how][2], i.budget) for i in group]
         shared = max(limits)
         results = _generate_many(
             model,
             encoder.rows([i.row for i in group]),
-            [i.prompts[in_prompt][0] for i in group],
+            [i.prompts[i.how][0] for i in group],
             group[0].tokenizer,
             policy,
             beam,
@@ -267,11 +304,9 @@ def _run(model, encoder: _Encoded, items: list[_Item], policy, beam: int, in_pro
             initial,
         )
         for i, limit, result in zip(group, limits, results, strict=True):
-            prompt, _, forced = i.prompts[in_prompt]
+            prompt, _, forced = i.prompts[i.how]
             n = len(result.sequences_ids[0])
-            # reached its own limit (or, for a wider beam, the greedy pass used its
-            # whole budget): alone, the limit would have ended it differently
-            if limit < shared and (n >= limit // 2 - 1 or (beam > 1 and len(i.tokens) >= i.budget)):
+            if limit < shared and n >= limit // 2 - 1:  # alone, its limit would have ended it
                 result = _generate(
                     model, encoder.rows([i.row]), prompt, i.tokenizer, policy, beam, limit, initial
                 )
@@ -293,8 +328,10 @@ def _align(model, encoder: _Encoded, items: list[_Item], policy: DecodePolicy) -
             [i.num_frames for i in group] if len(group) > 1 else group[0].num_frames,
         )
         for n, i in enumerate(group):
-            words = aligned[n] if n < len(aligned) else []
-            i.words = _new_words(words, len(i.prefix_tokens), i.seg_start, i.voiced, policy)
+            i.context_words = aligned[n] if n < len(aligned) else []
+            i.words = _new_words(
+                i.context_words, len(i.prefix_tokens), i.seg_start, i.voiced, policy
+            )
 
 
 def _alignment_calls(items: list[_Item]) -> list[list[_Item]]:

@@ -44,7 +44,8 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True):
     # Batching across sessions (services/worker/batching.py): up to batch_max queued live
     # finals decoded in one engine call; a fetch short of that waits at most
     # batch_wait_ms for more. 1: each segment alone. Measured on 2 CPU cores (tiny.en,
-    # loadtest/README.md "Batching"): no gain there, so off by default.
+    # loadtest/README.md "Batching"): 0.6-1.1x the throughput of B=1 at 2-10x the
+    # latency, so off by default; meant for a GPU.
     batch_max: int = 1
     batch_wait_ms: float = 20.0
     # The dead-letter sweep (services/worker/sweep.py): segments whose deliveries ran out
