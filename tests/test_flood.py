@@ -4,7 +4,8 @@ A 29-byte msgpack `AudioChunk` claiming a 9.99 s gap makes the edge fill 9.99 s
 of 48 kHz silence and run the VAD over it. Sent back to back, such frames would
 cost the edge's event loop more than it has. The edge paces on the repaired
 timeline (silence it filled in counts as audio the device sent), so one device
-gets at most `max_audio_rate` times real time of timeline, whatever it claims.
+gets at most `max_audio_rate` times real time of timeline, whatever it claims;
+with `pace=fast` (an upload's opt-out) the claimed silence alone is paced.
 
 The edge runs as its own process (`python -m services.edge`): `/healthz` is
 timed from outside, as a load balancer would. A worker (tiny.en) decodes a

@@ -26,6 +26,7 @@ from multidict import MultiMapping
 from schemas import deepgram as dg
 from schemas import device as ev
 from schemas.pipeline import Word
+from services.common.languages import is_language_tag, primary_language
 from services.edge.params import BadRequest, StreamParams, parse_stream_params
 from services.edge.session import CLOSE_IDLE, Dialect
 from services.edge.settings import EdgeSettings
@@ -143,7 +144,6 @@ _KNOWN = {
     *_OFF_ONLY,
     *_NEVER,
 }
-_LANGUAGE = re.compile(r"[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8})*")
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,11 +225,11 @@ def _language(query: MultiMapping[str], default_language: str) -> tuple[str, str
         return "", "multi"
     if language is None:
         return default_language, ""
-    if not _LANGUAGE.fullmatch(language):
+    if not is_language_tag(language):
         raise BadRequest(
             "bad_language", f"language {language[:32]!r} is not a language tag like 'en-US'"
         )
-    return language.split("-")[0].lower(), ""  # Whisper's languages are ISO 639-1
+    return primary_language(language), ""
 
 
 def _extra(query: MultiMapping[str]) -> dict[str, str]:

@@ -9,16 +9,15 @@ Whether the workers can speak it is checked before the upgrade too
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from services.common.audio import SUPPORTED_RATES
 from services.common.discovery import WorkerLanguages
+from services.common.languages import is_language_tag, primary_language
 
 ENCODINGS = ("linear16",)
 FRAMINGS = ("raw", "msgpack")
-_LANGUAGE = re.compile(r"^[a-z]{2,3}(-[A-Za-z0-9]{2,8})?$")
 DETECT = ("", "auto")  # language values that mean: detect it
 MAX_JITTER_MS = 2000  # bounds the audio a session's jitter buffer holds
 
@@ -65,7 +64,7 @@ def parse_stream_params(query: Mapping[str, str], default_language: str = "") ->
     language = query.get("language", default_language)
     if language in DETECT:
         language = ""
-    elif not _LANGUAGE.fullmatch(language):
+    elif not is_language_tag(language):
         raise BadRequest(
             "bad_language",
             f"language {language[:32]!r} is not a language code like 'en' or 'de' (or auto)",
@@ -121,7 +120,7 @@ def check_language(params: StreamParams, workers: Sequence[WorkerLanguages]) -> 
             return params
         spoken = {lang for w in workers for lang in w.languages or ()}
         return dataclasses.replace(params, language=spoken.pop()) if len(spoken) == 1 else params
-    wanted = params.language.split("-", 1)[0].lower()
+    wanted = primary_language(params.language)
     if all(wanted in (w.languages or ()) for w in workers):
         return params
     models = ", ".join(sorted({w.describe() for w in workers}))

@@ -19,7 +19,6 @@ import asyncio
 import json
 import logging
 import math
-import re
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from nats.aio.client import Client as NATS
 from observability.metrics import ATTR_REASON, Metrics
 from schemas.device import REASON_HEADER
 from schemas.pipeline import Result
+from services.common.languages import is_language_tag
 from services.edge.admission import Admission
 from services.edge.auth import Authenticator, AuthError
 from services.edge.filejob import (
@@ -66,7 +66,6 @@ OPENAI_MODELS = frozenset(
 OWN_MODELS = frozenset({"escapement", "tiny.en", "base"})
 FORMATS = ("json", "text", "verbose_json", "srt", "vtt")
 GRANULARITIES = ("word", "segment")
-_LANGUAGE = re.compile(r"[a-z]{2,3}(-[A-Za-z0-9]{2,8})?")
 _FIELD_BYTES = 64 * 1024  # any form field but the file
 # verbose_json names the language as OpenAI does; codes not listed are given as they are
 LANGUAGE_NAMES = {
@@ -243,7 +242,7 @@ def parse_options(fields: Mapping[str, list[str]], upload: tuple[bytes, str] | N
             code="model_not_found",
         )
     language = _one(fields, "language")
-    if language and not _LANGUAGE.fullmatch(language):
+    if language and not is_language_tag(language):
         raise ApiError(
             400,
             f"language {language[:32]!r} is not an ISO-639-1 code like 'en' or 'de'",

@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from services.common.languages import primary_language
+
 SAMPLE_RATE = 16000
 WINDOW_S = 30.0  # Whisper sees at most 30 s per call
 
@@ -199,7 +201,7 @@ def _tokenizer(model, language: str):
 
 def whisper_language(code: str) -> str:
     """Whisper's name for a language code: its primary subtag ("en-US" -> "en")."""
-    return code.split("-", 1)[0].lower() or "en"
+    return primary_language(code) or "en"
 
 
 def language_candidates(model, encoder_output, prior: str, policy: DecodePolicy) -> list[str]:  # type: ignore[no-untyped-def]
