@@ -70,7 +70,9 @@ class VadConfig:
     start_voiced: int = 3  # voiced frames in that window needed to start
     preroll_ms: int = 300
     endpoint_ms: int = 500  # trailing silence that ends an utterance
-    trailing_pad_ms: int = 210  # of that silence (whole 30 ms frames), how much goes with the segment
+    trailing_pad_ms: int = (
+        210  # of that silence (whole 30 ms frames), how much goes with the segment
+    )
     min_speech_ms: int = 150
     max_utterance_ms: int = 15000
     announce_pauses: bool = False  # emit Pause / Resumed (for early finals)
