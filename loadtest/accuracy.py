@@ -717,7 +717,7 @@ async def run(args: argparse.Namespace) -> int:
 
     where = f"escapement up, {args.workers} worker(s)" if spawned else url
     header = (
-        f"Accuracy: model {args.model}; streamed through {where} in real time, 100 ms frames, "
+        f"Accuracy: model {args.model}; streamed through {where} in real time, {args.chunk_ms} ms frames, "
         f"{args.concurrency} at a time; offline: faster-whisper, whole file, beam 5, "
         f"compute type {args.offline_compute_type}; "
         f"{len(entries)} files, {audio_s:.0f} s of audio at {args.sample_rate} Hz; "

@@ -49,6 +49,9 @@ log = logging.getLogger(__name__)
 TENANT_QUOTA = "tenant_quota"
 
 
+WORKER_GRACE_S = 3.0  # how long a drop in the worker count must last to count
+
+
 @dataclass(frozen=True, slots=True)
 class Refusal:
     status: int
@@ -142,6 +145,7 @@ class Admission:
         self._queued: tuple[float, Mapping[str, float]] = (-math.inf, {})
         self.backlog = 0
         self.workers = 0
+        self._workers_seen_at = 0.0  # when the ping last found `workers` or more
         self.full = False
         self.draining = False
         self.updated = 0.0
@@ -212,7 +216,15 @@ class Admission:
             log.info("backlog %d <= %d: admitting new sessions again", self.backlog, self.low_water)
 
     async def refresh_workers(self) -> None:
-        self.workers = len(await ping_services(self.nc, subjects.WORKER_SERVICE, wait=0.2))
+        """Workers answering a ping. A worker busy decoding may miss one 0.2 s ping:
+        a count that drops is believed only once it has stayed down WORKER_GRACE_S, so
+        one slow answer does not refuse sessions as `no_workers`."""
+        now = time.monotonic()
+        answered = len(await ping_services(self.nc, subjects.WORKER_SERVICE, wait=0.2))
+        if answered >= self.workers or now - self._workers_seen_at >= WORKER_GRACE_S:
+            self.workers = answered
+        if answered >= self.workers:
+            self._workers_seen_at = now
 
     # --- tenants ---------------------------------------------------------------
 
