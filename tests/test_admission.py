@@ -133,6 +133,28 @@ async def test_auth_cases(nats_server, nc: NATS, http, caplog) -> None:  # type:
     )  # ... secrets are not
 
 
+@pytest.mark.parametrize("allowed", ["", "globex", "acme", "*"])
+async def test_pace_fast_is_a_tenant_permission(nats_server, nc: NATS, http, allowed: str) -> None:  # type: ignore[no-untyped-def]
+    """Audio faster than real time (file uploads) only for tenants the operator lists."""
+    key = "device-key-for-tests-0123456789"
+    async with run_edge(
+        nats_server.url,
+        require_workers=False,
+        auth_enabled=True,
+        auth_secret=SECRET,
+        api_keys=f"acme:{hash_key(key)}",
+        fast_pace_tenants=allowed,
+    ) as edge:
+        url = f"{edge.url}/v1/stream"
+        auth = {"Authorization": f"Bearer {key}"}
+        await admitted(http, url, headers=auth)  # real time: always
+        if allowed in ("acme", "*"):
+            await admitted(http, f"{url}?pace=fast", headers=auth)
+        else:
+            status, reason, *_ = await refusal(http, f"{url}?pace=fast", headers=auth)
+            assert (status, reason) == (403, "pace_not_allowed")
+
+
 async def test_connection_limits(nats_server, nc: NATS, http) -> None:  # type: ignore[no-untyped-def]
     async with run_edge(
         nats_server.url, require_workers=False, max_connections=3, max_connections_per_tenant=2

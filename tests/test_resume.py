@@ -54,7 +54,9 @@ async def test_resumed_session_gets_exactly_the_finals_it_missed(
     other = mint_token(SECRET.encode(), "other", 600)
     async with (
         run_worker(nats_server.url, engine),
-        run_edge(nats_server.url, auth_enabled=True, auth_secret=SECRET) as edge,
+        run_edge(
+            nats_server.url, auth_enabled=True, auth_secret=SECRET, fast_pace_tenants="*"
+        ) as edge,
     ):
         url = f"{edge.url}/v1/stream?pace=fast&token={acme}"
         # first socket: sentence 0 (its final arrives), sentence 1 (cut before its final)
@@ -182,7 +184,9 @@ async def test_a_used_resume_token_cannot_take_over_a_live_session(
     acme = mint_token(SECRET.encode(), "acme", 600)
     async with (
         run_worker(nats_server.url, engine),
-        run_edge(nats_server.url, auth_enabled=True, auth_secret=SECRET) as edge,
+        run_edge(
+            nats_server.url, auth_enabled=True, auth_secret=SECRET, fast_pace_tenants="*"
+        ) as edge,
     ):
         url = f"{edge.url}/v1/stream?pace=fast&token={acme}"
         first = aiohttp.ClientSession()
@@ -231,7 +235,7 @@ async def test_double_resume_keeps_next_segment_and_finals_true(
         seen.append(decode_record((await kv.get(session_id)).value or b"").next_segment)
         return seen[-1]
 
-    auth = {"auth_enabled": True, "auth_secret": SECRET}
+    auth = {"auth_enabled": True, "auth_secret": SECRET, "fast_pace_tenants": "*"}
     async with (
         run_worker(nats_server.url, engine),
         run_edge(nats_server.url, **auth) as edge_a,

@@ -170,6 +170,13 @@ async def _accept(request: web.Request, negotiate: Negotiate) -> web.StreamRespo
     try:
         params, settings, dialect = negotiate()
         principal = app[auth_key].authenticate(request.headers, request.query)
+        if params.fast and not settings.may_go_fast(principal.method, principal.tenant):
+            raise Refused(
+                403,
+                "pace_not_allowed",
+                f"tenant {principal.tenant!r} may not stream faster than real time (pace=fast); "
+                "ask the operator to list it in ESCAPEMENT_FAST_PACE_TENANTS",
+            )
         workers = worker_languages(last_seen(app[nats_key], subjects.WORKER_SERVICE))
         params = check_language(params, workers)  # 400 for a language no worker speaks
         refusal = app[admission_key].check(principal.tenant)

@@ -93,6 +93,15 @@ class EdgeSettings(msgspec.Struct, frozen=True, kw_only=True):
     # browsers: Origins allowed, comma-separated ("*", "https://app.example.com",
     # "http://localhost:*"); empty: the edge's own origin, http://localhost:*, http://127.0.0.1:*
     allowed_origins: str = ""
+    # Tenants allowed `pace=fast` (audio faster than real time: file uploads by trusted
+    # clients), comma-separated; "*": every tenant. With auth off (loopback) always allowed.
+    fast_pace_tenants: str = ""
+
+    def may_go_fast(self, principal_method: str, tenant: str) -> bool:
+        if principal_method == "none":
+            return True
+        allowed = {t.strip() for t in self.fast_pace_tenants.split(",") if t.strip()}
+        return "*" in allowed or tenant in allowed
 
     def stream_config(self, params: StreamParams) -> StreamConfig:
         """What the streaming core of a session with these parameters works with."""
