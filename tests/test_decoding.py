@@ -214,3 +214,30 @@ def test_a_context_that_ends_a_sentence_does_not_silence_the_new_one(model, tmp_
     said = _words(out.text)
     assert len(said) >= 8 and "morning" in said, out.text
     assert "committee" not in said, out.text
+
+
+@pytest.mark.parametrize("look", [True, False])
+def test_a_long_context_before_a_short_segment(model, jfk, look) -> None:  # type: ignore[no-untyped-def]
+    """Half a second of new speech after 22 s of context. The retry reads the context as
+    previous text, which counts against CTranslate2's `max_length`: a short segment's
+    budget alone is shorter than the prompt, and that killed the worker (SIGSEGV), so it
+    is added on top. The final (with its retry) does not copy the context into the new
+    words; a look may (on half a word, forced or read as previous text alike), and its
+    final replaces it."""
+    segment = _prompt("conf-locked")[: SAMPLE_RATE // 2]  # half a second of speech
+    gap = _room(0.8)
+    audio = np.concatenate([jfk, jfk, gap, segment])  # 22 s of context, ~60 tokens of text
+    seg_start = (2 * len(jfk) + len(gap) * 0.6) / SAMPLE_RATE
+    policy = (
+        DecodePolicy(  # a look, as WhisperEngine.look_policy
+            beam_size=1, retry_beam_size=0, word_timestamps=False, context_in_prompt=True
+        )
+        if look
+        else DecodePolicy(retry_word_probability=1.01)  # p < 1.01: always retried
+    )
+    req = DecodeRequest(
+        audio=audio, segment_start_s=seg_start, context_text=f"{JFK_TEXT} {JFK_TEXT}"
+    )
+    out = decode(model, req, policy)  # before: the process died here
+    if not look:
+        assert "country" not in _words(out.text), out.text

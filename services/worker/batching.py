@@ -287,11 +287,14 @@ def _run(model, encoder: _Encoded, items: list[_Item], policy, beam: int) -> Non
     groups: dict[tuple, list[_Item]] = {}
     for i in items:
         prompt, _, forced = i.prompts[i.how]
-        limit = _max_length(model, forced, i.budget) if beam > 1 else 0
+        limit = _max_length(model, i.tokenizer, prompt, forced, i.budget) if beam > 1 else 0
         key = (_shape(prompt, i.tokenizer), _initial(policy, forced, i.how), i.language, limit)
         groups.setdefault(key, []).append(i)
     for (_, initial, _, _), group in groups.items():
-        limits = [_max_length(model, i.prompts[i.how][2], i.budget) for i in group]
+        limits = [
+            _max_length(model, i.tokenizer, i.prompts[i.how][0], i.prompts[i.how][2], i.budget)
+            for i in group
+        ]
         shared = max(limits)
         results = _generate_many(
             model,

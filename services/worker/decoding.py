@@ -315,12 +315,16 @@ def _budget(policy: DecodePolicy, seg_dur: float, duration: float, prefix_tokens
     )
 
 
-def _max_length(model, forced: list[int], budget: int) -> int:  # type: ignore[no-untyped-def]
+def _max_length(model, tokenizer, prompt: list[int], forced: list[int], budget: int) -> int:  # type: ignore[no-untyped-def]
     """CTranslate2 returns at most max_length // 2 tokens after the sot sequence, the
     forced context included (faster-whisper's 448 is Whisper's 224-token sample
     length): ask for twice what the forced tokens plus the new words' budget need.
-    Asking for len(prompt) + budget cut the new words short after a long context."""
-    return min(model.max_length, 2 * (len(forced) + budget))
+    Asking for len(prompt) + budget cut the new words short after a long context.
+    Previous text (before `<|startoftranscript|>`) counts against max_length too, and
+    a max_length shorter than the prompt crashes the process (SIGSEGV in
+    CTranslate2): it is added on top."""
+    previous = prompt.index(tokenizer.sot) if tokenizer.sot in prompt else 0
+    return min(model.max_length, 2 * (len(forced) + budget) + previous)
 
 
 def _initial(policy: DecodePolicy, forced: list[int], in_prompt: bool) -> int:
@@ -515,7 +519,7 @@ def _decode(model, request: DecodeRequest, policy: DecodePolicy) -> Decoded:  # 
 
     def run(beam: int, in_prompt: bool):  # type: ignore[no-untyped-def]
         prompt, _, forced = prompts[in_prompt]
-        max_length = _max_length(model, forced, budget)
+        max_length = _max_length(model, tokenizer, prompt, forced, budget)
         initial = _initial(policy, forced, in_prompt)
         result = _generate(
             model, encoder_output, prompt, tokenizer, policy, beam, max_length, initial
