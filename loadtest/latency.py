@@ -27,9 +27,9 @@ from typing import Any
 from loadtest import corpus as corpus_mod
 from loadtest.device import COMPLETED, SessionOptions
 from loadtest.metrics import Histograms
-from loadtest.runner import run_command, wait_ready
+from loadtest.runner import ready_target, run_command
 from loadtest.target import SpawnedUp, SpawnError
-from loadtest.workload import Plan, http_session, run_devices
+from loadtest.workload import Plan, run_devices
 
 PARTS = {
     "final": "speech end -> Final",
@@ -128,16 +128,9 @@ async def run(args: argparse.Namespace) -> int:
         return 2
     token = args.token or os.environ.get("ESCAPEMENT_TOKEN") or None
     spawned = SpawnedUp(workers=args.workers, model=args.model) if args.spawn else None
-    url = args.url
     try:
-        if spawned is not None:
-            print(f"starting escapement up ({args.workers} worker(s)) ...", file=sys.stderr)
-            await asyncio.to_thread(spawned.start)
-            url = spawned.url
-        async with http_session() as http:
-            why = await wait_ready(http, url, 30.0)
-        if why is not None:
-            print(f"loadtest.latency: {url} is not ready: {why}", file=sys.stderr)
+        url = await ready_target(args.url, spawned, args.workers, "loadtest.latency")
+        if url is None:
             return 3
         results = []
         for n in args.sessions:

@@ -289,6 +289,24 @@ def run_command(
         return 130
 
 
+async def ready_target(
+    url: str | None, spawned: SpawnedUp | None, workers: int, tool: str
+) -> str | None:
+    """The edge to load, once `/readyz` says so: `url`, or that of `spawned` (started
+    here). None, with the reason on stderr, when it is not ready within 30 s."""
+    if spawned is not None:
+        print(f"starting escapement up ({workers} worker(s)) ...", file=sys.stderr)
+        await asyncio.to_thread(spawned.start)
+        url = spawned.url
+    assert url is not None
+    async with http_session() as http:
+        why = await wait_ready(http, url, 30.0)
+    if why is not None:
+        print(f"{tool}: {url} is not ready: {why}", file=sys.stderr)
+        return None
+    return url
+
+
 async def wait_ready(http: aiohttp.ClientSession, url: str, limit_s: float) -> str | None:
     """None once `/readyz` says ready; else why not."""
     deadline = time.monotonic() + limit_s

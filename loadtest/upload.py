@@ -35,7 +35,7 @@ from loadtest import realspeech as rs
 from loadtest.corpus import Item
 from loadtest.device import COMPLETED, FinalTiming, SessionOptions, SessionRecord, run_session
 from loadtest.metrics import percentile
-from loadtest.runner import run_command, wait_ready
+from loadtest.runner import ready_target, run_command
 from loadtest.target import SpawnedUp, SpawnError
 from loadtest.workload import http_session
 from services.common.audio import wav_bytes
@@ -279,16 +279,9 @@ async def run(args: argparse.Namespace) -> int:
     wav = wav_bytes(file.pcm, file.sample_rate)
     token = args.token or os.environ.get("ESCAPEMENT_TOKEN") or None
     spawned = SpawnedUp(workers=args.workers, model=args.model) if args.spawn else None
-    url = args.url
     try:
-        if spawned is not None:
-            print(f"starting escapement up ({args.workers} worker(s)) ...", file=sys.stderr)
-            await asyncio.to_thread(spawned.start)
-            url = spawned.url
-        async with http_session() as http:
-            why = await wait_ready(http, url, 30.0)
-        if why is not None:
-            print(f"loadtest.upload: {url} is not ready: {why}", file=sys.stderr)
+        url = await ready_target(args.url, spawned, args.workers, "loadtest.upload")
+        if url is None:
             return 3
         print(f"baseline: {args.sessions} live session(s) ...", file=sys.stderr)
         base = await run_phase("baseline", url, live, token)

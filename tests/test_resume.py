@@ -101,6 +101,36 @@ async def test_resumed_session_gets_exactly_the_finals_it_missed(
             assert caught.value.status == 410
 
 
+async def test_a_disconnect_mid_utterance_still_gets_that_utterance_transcribed(
+    nats_server, nc, engine, make_test_speech
+) -> None:  # type: ignore[no-untyped-def]
+    """The network goes away in the middle of a sentence: what was heard of it is
+    flushed as a segment, its Final stored, and the resumed socket gets it."""
+    speech = make_test_speech(SENTENCES[:2])
+    rate = speech.sample_rate
+    (_, end0), (start1, end1) = speech.spans[:2]
+    cut = start1 + (end1 - start1) * 0.6  # mid-sentence, no pause after it
+    async with run_worker(nats_server.url, engine), run_edge(nats_server.url) as edge:
+        url = f"{edge.url}/v1/stream?pace=fast"
+        first = aiohttp.ClientSession()
+        ws = await first.ws_connect(url)
+        started = await next_event(ws, ev.SessionStarted)
+        assert isinstance(started, ev.SessionStarted)
+        await ws.send_bytes(speech.pcm[: int((end0 + 0.9) * rate) * 2])
+        await next_event(ws, ev.Final, segment=0)
+        await ws.send_bytes(speech.pcm[int((end0 + 0.9) * rate) * 2 : int(cut * rate) * 2])
+        await next_event(ws, ev.SpeechStarted)
+        await first.close()  # no close handshake, no CloseStream, mid-utterance
+
+        resume = f"resume={started.resume_token}&last_segment=0"
+        async with aiohttp.ClientSession() as http, http.ws_connect(f"{url}&{resume}") as ws2:
+            final1 = await asyncio.wait_for(next_event(ws2, ev.Final), 60)
+    assert isinstance(final1, ev.Final) and final1.segment == 1
+    said = final1.text.lower().replace(",", "").split()
+    assert said[:3] == ["what", "is", "the"], final1.text  # the part heard before the cut
+    assert "list" not in said, final1.text  # nothing from later audio
+
+
 async def test_nats_restart_mid_sessions_loses_nothing(
     nats_server, nc, engine, http, make_test_speech
 ) -> None:  # type: ignore[no-untyped-def]
