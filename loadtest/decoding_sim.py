@@ -41,8 +41,8 @@ jobs on the box (+-30 %); "-" = not run on that group.
 | tiny.en | C25RW7P C25RWP, retry when p < 0.7 | 4.1 | 17/1/6 | +1.7/+1.7 | - | - | - | 0.145 | (loaded box) |
 | tiny.en | C25RWT retry forcing only the last 3 s of context | 3.7 | 15/1/6 | +1.3/+1.3 | - | - | - | 0.155 | (loaded box) |
 | tiny.en | C25RWT6 the same, last 6 s | 4.4 | 18/2/6 | +2.0/+2.0 | - | - | - | 0.153 | (loaded box) |
-| tiny.en | C25RW, Silero on the segment only (quiet box, new espeak voice) | 3.1 | 13/2/3 | +0.7/+0.7 | 6.5 | 0 | 1.0/0.0 | 0.198 | 527/990 |
-| **tiny.en** | **C25RWR forced context, retry with it as previous text (default)** | **3.2** | **14/1/4** | **+0.8/+0.8** | **4.1** | **0** | **0.0/0.0** | **0.180** | **523/695** |
+| **tiny.en** | **C25RW, Silero on the segment only (default; quiet box, new espeak voice)** | **3.1** | **13/2/3** | **+0.7/+0.7** | **6.5** | **0** | **1.0/0.0** | **0.198** | **527/990** |
+| tiny.en | C25RWR forced context, retry with it as previous text | 3.2 | 14/1/4 | +0.8/+0.8 | 4.1 | 0 | 0.0/0.0 | 0.180 | 523/695 |
 | base | GP context 8 s | 4.7 | 18/4/6 | +1.7/+2.0 | - | 0 | - | 0.249 | 1057/1736 |
 | **base** | **C25 (for_model(True))** | **2.9** | **13/3/1** | **-0.2/+0.2** | **5.7** | **0** | **0.5/2.0** | **0.319 real, 0.153 noise** | **1193/1527** |
 | base | C25RW | 3.2 | 14/4/1 | +0.2/+0.5 | - | 0 | - | 0.419 | 1023/2508 |
@@ -57,9 +57,10 @@ threads, median of 5): greedy forced 164 ms, beam 3 forced 237, beam 5 forced
 start: `context_in_prompt`) is 3-4 times cheaper, but costs 0.3-1.0 points of
 WER when the greedy pass reads it that way (C25P, C25RWP rows), which the
 finals cannot spare: the greedy pass forces the context, interim looks read it
-as previous text (`WhisperEngine.look_policy`), and so does the beam-5 retry
+as previous text (`WhisperEngine.look_policy`). The beam-5 retry could too
 (C25RWR: one loaded-box run measured 3.4 %, the quiet rerun 3.2 %, against 3.1 %
-for the forced retry; in noise it invents less). Rows marked "loaded box" ran
+for the forced retry; in noise it invents less; `retry_context_in_prompt`), but it
+is not the default yet (see the comment on that knob). Rows marked "loaded box" ran
 beside other jobs (load average 5-8): their WER is exact, their times are not.
 
 "old budget" rows ran before the fix of the token budget: CTranslate2 returns at most
