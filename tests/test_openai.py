@@ -61,7 +61,7 @@ async def _text_words_and_subtitles(sdk: AsyncOpenAI, speech, wav: bytes, refere
     plain = await sdk.audio.transcriptions.create(
         model="whisper-1", file=("speech.wav", wav, "audio/wav")
     )
-    assert wer(reference, plain.text) <= 0.15, plain.text
+    assert wer(reference, plain.text) <= 0.25, plain.text
 
     verbose = await sdk.audio.transcriptions.create(
         model="gpt-4o-transcribe",
@@ -70,7 +70,7 @@ async def _text_words_and_subtitles(sdk: AsyncOpenAI, speech, wav: bytes, refere
         timestamp_granularities=["word", "segment"],
         language="en",
     )
-    assert wer(reference, verbose.text) <= 0.15, verbose.text
+    assert wer(reference, verbose.text) <= 0.25, verbose.text
     assert verbose.duration == pytest.approx(speech.duration_s, abs=0.05)
     assert verbose.language == "english"
     words = verbose.words or []
@@ -95,7 +95,7 @@ async def _text_words_and_subtitles(sdk: AsyncOpenAI, speech, wav: bytes, refere
     times = [(_seconds(*c[1:5]), _seconds(*c[5:9])) for c in cues]
     assert all(a <= b <= speech.duration_s for a, b in times)
     assert all(t1[1] <= t2[0] + 0.05 for t1, t2 in zip(times, times[1:], strict=False))
-    assert wer(reference, " ".join(c[9] for c in cues)) <= 0.15, srt
+    assert wer(reference, " ".join(c[9] for c in cues)) <= 0.25, srt
 
 
 @pytest.mark.slow
@@ -115,7 +115,7 @@ async def test_stream_yields_deltas_then_the_whole_text(
     assert kinds[:-1] and set(kinds[:-1]) == {"transcript.text.delta"}, kinds
     joined = "".join(e.delta for e in events[:-1])
     assert joined == events[-1].text
-    assert wer(" ".join(SENTENCES), events[-1].text) <= 0.15, events[-1].text
+    assert wer(" ".join(SENTENCES), events[-1].text) <= 0.25, events[-1].text
 
 
 async def _post(
@@ -202,4 +202,4 @@ async def test_upload_benchmark_smoke(edge: RunningEdge, worker: Worker, make_te
     assert result["sessions_completed"]["baseline"] == 1
     assert result["baseline"]["count"] >= 1 and result["with_upload"]["count"] >= 1
     assert result["upload"]["status"] == 200, result["upload"]
-    assert result["upload"]["wer"] <= 0.15 and result["upload"]["wall_s"] > 0
+    assert result["upload"]["wer"] <= 0.25 and result["upload"]["wall_s"] > 0

@@ -662,8 +662,18 @@ def _new_words(
         start, end = float(w["start"]), float(w["end"])
         if not n_prefix and _position(start, end, voiced) < seg_start - policy.keep_after_s:
             continue  # a context word, re-decoded
+        start = _voiced_start(start, end, voiced)
         words.append(DecodedWord(w["word"], start, end, float(w["probability"])))
     return words
+
+
+def _voiced_start(start: float, end: float, voiced) -> float:
+    """Alignment often stretches a word back over the pause before it; where the
+    edge's VAD heard no voice there, the word starts where its voiced part does."""
+    onsets = [a for a, b in voiced if b > start and a < end]
+    if not onsets:
+        return start
+    return max(start, min(min(onsets), end))
 
 
 def _gate(
