@@ -19,6 +19,7 @@ from nats.aio.client import Client as NATS
 
 from jetstream import subjects
 from loadtest.corpus import word_errors
+from schemas import device as ev
 from services.edge.app import create_app
 from services.edge.server import serve
 from services.edge.settings import EdgeSettings
@@ -116,3 +117,42 @@ async def run_worker(
         await asyncio.wait_for(task, timeout=30)
         await worker.close()
         await conn.close()
+
+
+class Device:
+    """A device holding a session open; reads every event (answering pings) meanwhile."""
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse, session_id: str) -> None:
+        self.ws = ws
+        self.session_id = session_id
+        self.events: list[ev.ServerEvent] = []
+        self._reader = asyncio.create_task(self._read())
+
+    @classmethod
+    async def open(cls, http: aiohttp.ClientSession, edge: RunningEdge, query: str = "") -> Device:
+        ws = await http.ws_connect(f"{edge.url}/v1/stream?sample_rate=16000{query}")
+        started = ev.decode_event((await ws.receive()).data)
+        assert isinstance(started, ev.SessionStarted)
+        return cls(ws, started.session_id)
+
+    async def _read(self) -> None:
+        async for msg in self.ws:
+            if msg.type == aiohttp.WSMsgType.TEXT:
+                self.events.append(ev.decode_event(msg.data))
+
+    async def error(self, within: float = 30) -> ev.Error:
+        """The next Error event not yet taken."""
+
+        async def first() -> ev.Error | None:
+            for event in self.events:
+                if isinstance(event, ev.Error):
+                    self.events.remove(event)
+                    return event
+            assert not self._reader.done(), f"socket closed ({self.ws.close_code})"
+            return None
+
+        return await until(first, within=within, message="an Error event")  # type: ignore[no-any-return]
+
+    async def close(self) -> None:
+        await self.ws.close()
+        await self._reader

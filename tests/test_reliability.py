@@ -18,7 +18,6 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator
 
-import aiohttp
 import psutil
 import pytest
 from nats.aio.client import Client as NATS
@@ -35,7 +34,7 @@ from services.runtime.procs import free_port
 from services.runtime.up import WorkerProcess
 from services.worker.deadletter import DeadLetters, Queued
 from services.worker.engines import RetryableEngineError, Transcription
-from tests.support import RunningEdge, run_edge, run_worker, until, wer
+from tests.support import Device, RunningEdge, run_edge, run_worker, until, wer
 
 pytestmark = pytest.mark.slow
 
@@ -107,45 +106,6 @@ async def in_the_model(js: JetStreamContext, worker: WorkerProcess, cpu_s: float
 async def assert_queue_empty(js: JetStreamContext) -> None:
     """Soon empty: a worker acks just after it publishes the result the device saw."""
     await until(lambda: _queue_empty(js), within=5, message="work queue empty")
-
-
-class Device:
-    """A device holding a session open; reads every event (answering pings) meanwhile."""
-
-    def __init__(self, ws: aiohttp.ClientWebSocketResponse, session_id: str) -> None:
-        self.ws = ws
-        self.session_id = session_id
-        self.events: list[ev.ServerEvent] = []
-        self._reader = asyncio.create_task(self._read())
-
-    @classmethod
-    async def open(cls, http: aiohttp.ClientSession, edge: RunningEdge, query: str = "") -> Device:
-        ws = await http.ws_connect(f"{edge.url}/v1/stream?sample_rate=16000{query}")
-        started = ev.decode_event((await ws.receive()).data)
-        assert isinstance(started, ev.SessionStarted)
-        return cls(ws, started.session_id)
-
-    async def _read(self) -> None:
-        async for msg in self.ws:
-            if msg.type == aiohttp.WSMsgType.TEXT:
-                self.events.append(ev.decode_event(msg.data))
-
-    async def error(self, within: float = 30) -> ev.Error:
-        """The next Error event not yet taken."""
-
-        async def first() -> ev.Error | None:
-            for event in self.events:
-                if isinstance(event, ev.Error):
-                    self.events.remove(event)
-                    return event
-            assert not self._reader.done(), f"socket closed ({self.ws.close_code})"
-            return None
-
-        return await until(first, within=within, message="an Error event")  # type: ignore[no-any-return]
-
-    async def close(self) -> None:
-        await self.ws.close()
-        await self._reader
 
 
 def segment_of(speech, session_id: str, edge_id: str, number: int, language: str = "en") -> Segment:  # type: ignore[no-untyped-def]

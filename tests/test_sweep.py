@@ -16,7 +16,6 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import aiohttp
 import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -33,6 +32,7 @@ from services.runtime.natsserver import NatsServer, NatsUsers
 from services.worker.deadletter import DeadLetters
 from services.worker.engines import RetryableEngineError, Transcription
 from services.worker.sweep import Sweep, stamp
+from tests import support
 from tests.support import RunningEdge, run_edge, run_worker, until
 
 ACK_WAIT_S = 1.0
@@ -52,26 +52,8 @@ class AlwaysFailing:
         raise RetryableEngineError(f"engine down (call {len(self.calls)})")
 
 
-class Device:
-    """A device holding a session open, collecting its events."""
-
-    def __init__(self, ws: aiohttp.ClientWebSocketResponse, session_id: str) -> None:
-        self.ws = ws
-        self.session_id = session_id
-        self.events: list[ev.ServerEvent] = []
-        self._reader = asyncio.create_task(self._read())
-
-    @classmethod
-    async def open(cls, http: aiohttp.ClientSession, edge: RunningEdge) -> Device:
-        ws = await http.ws_connect(f"{edge.url}/v1/stream?sample_rate=16000")
-        started = ev.decode_event((await ws.receive()).data)
-        assert isinstance(started, ev.SessionStarted)
-        return cls(ws, started.session_id)
-
-    async def _read(self) -> None:
-        async for msg in self.ws:
-            if msg.type == aiohttp.WSMsgType.TEXT:
-                self.events.append(ev.decode_event(msg.data))
+class Device(support.Device):
+    """A device holding a session open, collecting its events, that can say something."""
 
     async def say(self, pcm: bytes) -> None:
         for i in range(0, len(pcm), 3200):
@@ -80,10 +62,6 @@ class Device:
 
     def errors(self) -> list[ev.Error]:
         return [e for e in self.events if isinstance(e, ev.Error)]
-
-    async def close(self) -> None:
-        await self.ws.close()
-        await self._reader
 
 
 async def set_ack_wait(js: JetStreamContext, seconds: float) -> None:
