@@ -63,6 +63,7 @@ from loadtest.runner import run_command, wait_ready
 from loadtest.target import SpawnedUp, SpawnError
 from loadtest.workload import http_session
 from schemas import device as ev
+from services.cli import workers_option
 from services.cli.client import Received, Refused, StreamRun, stream_audio
 
 GROUPS = ("real", "jfk", "espeak-noise", "probe", "snr")
@@ -585,7 +586,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     where.add_argument("--url", help="a running edge (its model should be --model)")
     p.add_argument("--token", help="API key or token (env ESCAPEMENT_TOKEN)")
-    p.add_argument("--workers", type=int, default=1, help="workers of the spawned pipeline (1)")
+    p.add_argument(
+        "--workers",
+        type=workers_option,
+        default="auto",
+        help="workers of the spawned pipeline (default auto: one per core)",
+    )
     p.add_argument("--small", action="store_true", help="a CI-sized corpus (a couple of minutes)")
     p.add_argument(
         "--corpus",

@@ -13,6 +13,8 @@ import os
 import re
 import sys
 
+from services.cli import workers_option
+
 DEFAULT_URL = "http://127.0.0.1:8080"
 # What `escapement[loadtest]` installs (pyproject.toml): the scenarios cannot run without it.
 EXTRA_MODULES = frozenset({"hdrh", "jiwer", "matplotlib"})
@@ -58,10 +60,10 @@ def _common() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--up-workers",
-        type=int,
-        default=1,
+        type=workers_option,
+        default="auto",
         metavar="N",
-        help="workers of the spawned up (default 1)",
+        help="workers of the spawned up (default auto: one per core)",
     )
     g.add_argument("--up-model", help="model of the spawned up (default: its own default)")
     g = p.add_argument_group("server processes to watch (CPU, RSS) and, for chaos, to kill")
@@ -108,7 +110,7 @@ def _common() -> argparse.ArgumentParser:
         "--trailing-pad-ms",
         type=int,
         default=210,
-        help="the edge's trailing pad, for audio without reference spans (default 210)",
+        help="the edge's trailing pad, for audio without reference spans (default 120)",
     )
     g.add_argument(
         "--sample-every",

@@ -46,7 +46,7 @@ class SessionOptions:
     chunk_ms: int = 100
     realtime: bool = True
     session_timeout_s: float = 60.0  # after CloseStream, for the last finals and the close
-    trailing_pad_ms: int = 210  # the edge's trailing_pad_ms, for audio without reference spans
+    trailing_pad_ms: int = 120  # the edge's trailing_pad_ms, for audio without reference spans
     interim_results: bool = True
 
 

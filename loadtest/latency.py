@@ -30,6 +30,7 @@ from loadtest.metrics import Histograms
 from loadtest.runner import ready_target, run_command
 from loadtest.target import SpawnedUp, SpawnError
 from loadtest.workload import Plan, run_devices
+from services.cli import workers_option
 
 PARTS = {
     "final": "speech end -> Final",
@@ -103,7 +104,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="start an embedded pipeline (escapement up) for the run",
     )
     p.add_argument(
-        "--workers", type=int, default=1, help="workers of the spawned pipeline (default 1)"
+        "--workers",
+        type=workers_option,
+        default="auto",
+        help="workers of the spawned pipeline (default auto: one per core)",
     )
     p.add_argument("--model", help="model of the spawned pipeline")
     p.add_argument("--sentences", type=int, default=4, help="sentences per session (default 4)")

@@ -290,7 +290,7 @@ def run_command(
 
 
 async def ready_target(
-    url: str | None, spawned: SpawnedUp | None, workers: int, tool: str
+    url: str | None, spawned: SpawnedUp | None, workers: int | str, tool: str
 ) -> str | None:
     """The edge to load, once `/readyz` says so: `url`, or that of `spawned` (started
     here). None, with the reason on stderr, when it is not ready within 30 s."""

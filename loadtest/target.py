@@ -31,7 +31,7 @@ class SpawnError(RuntimeError):
 class SpawnedUp:
     def __init__(
         self,
-        workers: int = 1,
+        workers: int | str = "auto",
         model: str | None = None,
         port: int = 0,
         data_dir: Path | None = None,

@@ -38,6 +38,7 @@ from loadtest.metrics import percentile
 from loadtest.runner import ready_target, run_command
 from loadtest.target import SpawnedUp, SpawnError
 from loadtest.workload import http_session
+from services.cli import workers_option
 from services.common.audio import wav_bytes
 
 PATH = "/v1/audio/transcriptions"
@@ -255,7 +256,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--url", default="http://127.0.0.1:8080", help="the edge")
     p.add_argument("--token", help="API key or token (env ESCAPEMENT_TOKEN)")
     p.add_argument("--spawn", action="store_true", help="start an embedded pipeline for the run")
-    p.add_argument("--workers", type=int, default=2, help="workers of the spawned pipeline (2)")
+    p.add_argument(
+        "--workers",
+        type=workers_option,
+        default="auto",
+        help="workers of the spawned pipeline (default auto: one per core)",
+    )
     p.add_argument("--model", help="model of the spawned pipeline")
     p.add_argument("--sessions", type=int, default=4, help="live real-time sessions (4)")
     p.add_argument("--live-s", type=float, default=90.0, help="speech per live session (90 s)")

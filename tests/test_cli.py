@@ -23,6 +23,7 @@ import pytest
 from services.cli.client import stream_audio
 from services.common.audio import write_wav
 from services.runtime.procs import Child, ProcError, free_port, spawn
+from services.runtime.up import usable_cores
 from tests.support import until_sync, wer
 
 pytestmark = pytest.mark.slow
@@ -42,13 +43,16 @@ class Up:
     def children(self) -> list[psutil.Process]:
         return psutil.Process(self.child.pid).children(recursive=True)
 
-    def workers(self) -> list[psutil.Process]:
+    def workers(self, role: str = "finals") -> list[psutil.Process]:
+        """The worker processes that take finals, or (role "looks") the interim-look ones."""
         found = []
         for p in self.children():
             try:
-                if "services.worker" in " ".join(p.cmdline()):
+                if "services.worker" not in " ".join(p.cmdline()):
+                    continue
+                if (p.environ().get("ESCAPEMENT_ROLE") == "looks") == (role == "looks"):
                     found.append(p)
-            except (psutil.ZombieProcess, psutil.NoSuchProcess):
+            except (psutil.ZombieProcess, psutil.NoSuchProcess, psutil.AccessDenied):
                 continue  # a worker that just died, not yet reaped
         return found
 
@@ -68,9 +72,10 @@ def spawn_up(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> C
     return spawn(command, tmp_path / "up.log", env=environ, new_session=True, name="escapement up")
 
 
-def start_up(tmp_path: Path, workers: int, env: dict[str, str] | None = None) -> Up:
-    """Returns at the banner: `up` prints it once a session would be admitted."""
-    child = spawn_up(tmp_path, "--workers", str(workers), env=env)
+def start_up(tmp_path: Path, workers: int | None, env: dict[str, str] | None = None) -> Up:
+    """Returns at the banner: `up` prints it once a session would be admitted. Workers
+    None: up's default layout."""
+    child = spawn_up(tmp_path, *([] if workers is None else ["--workers", str(workers)]), env=env)
     try:
         banner = child.wait_for(BANNER, within=120)
     except ProcError:
@@ -172,6 +177,15 @@ def test_up_without_workers_refuses_with_a_reason(tmp_path: Path, wav: tuple[Pat
         up.kill()
 
 
+@pytest.mark.parametrize("value", ["-1", "two", ""])
+def test_up_refuses_a_bad_worker_count_clearly(value: str) -> None:
+    done = subprocess.run(
+        [*ESCAPEMENT, "up", "--workers", value], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2
+    assert "--workers" in done.stderr and "a number of workers (0 or more) or auto" in done.stderr
+
+
 def test_transcribe_rejects_bad_files_clearly(tmp_path: Path) -> None:
     stereo = tmp_path / "stereo.wav"
     import wave
@@ -206,14 +220,23 @@ def test_transcribe_reports_an_unreachable_edge(tmp_path: Path) -> None:
 def test_the_first_session_after_the_banner_is_admitted_and_transcribed(
     tmp_path: Path, make_test_speech
 ) -> None:  # type: ignore[no-untyped-def]
-    """A cold start (a fresh process, data dir and cache): the banner waits for the model,
-    so a session opened the moment it shows is admitted (not refused: no_workers) and
+    """A cold start (a fresh process, data dir and cache, the default layout: one
+    single-threaded worker per core): the banner waits for the model in every worker, so
+    a session opened the moment it shows is admitted (not refused: no_workers) and
     transcribed."""
     speech = make_test_speech(["please turn on the lights in the kitchen"])
-    up = start_up(tmp_path, workers=1, env={"XDG_CACHE_HOME": str(tmp_path / "cache")})
+    up = start_up(tmp_path, workers=None, env={"XDG_CACHE_HOME": str(tmp_path / "cache")})
+    cores = usable_cores()
     try:
         before_banner = up.output.split("Escapement is up", 1)[0]
-        assert "Loading the model (tiny.en) in 1 worker(s)..." in before_banner
+        assert f"{cores} worker(s), 1 CPU thread(s) each;" in before_banner
+        assert f"Loading the model (tiny.en) in {cores} worker(s)..." in before_banner
+        # and as many interim-look workers, at idle CPU priority: a final never waits on one
+        assert f"{cores} interim-look worker(s) at idle priority" in before_banner
+        looks = up.workers("looks")
+        assert len(looks) == cores and len(up.workers()) == cores
+        assert all(os.sched_getscheduler(p.pid) == os.SCHED_IDLE for p in looks)
+        assert all(os.sched_getscheduler(p.pid) == os.SCHED_OTHER for p in up.workers())
 
         async def first_session():  # type: ignore[no-untyped-def]
             async with aiohttp.ClientSession() as http:
@@ -223,7 +246,7 @@ def test_the_first_session_after_the_banner_is_admitted_and_transcribed(
         assert run.close_code == 1000, run.close_reason
         assert wer(speech.text, run.text) <= 0.25, run.text
         status, body = readyz(up.url)
-        assert (status, body["status"], body["workers"]) == (200, "ready", 1)
+        assert (status, body["status"], body["workers"]) == (200, "ready", cores)
         assert up.stop() == 0
     finally:
         up.kill()

@@ -63,8 +63,9 @@ def _listens(name: str, service: dict[str, Any]) -> set[int]:
     command = [str(c) for c in service.get("command") or []]
     if name == "edge":
         return {int(env["ESCAPEMENT_PORT"])}
-    if name == "worker":
-        return {int(env["ESCAPEMENT_METRICS_PORT"])}
+    if name in ("worker", "looks"):
+        port = env.get("ESCAPEMENT_METRICS_PORT")
+        return {int(port)} if port else set()
     if name == "nats":
         monitor = command[command.index("-m") + 1] if "-m" in command else None
         return {4222} | ({int(monitor)} if monitor else set())

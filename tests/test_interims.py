@@ -88,6 +88,30 @@ async def test_no_interim_after_its_final_under_load(
     assert stats["transcribed"] >= sum(len(t.spans) for t in talks)
 
 
+async def test_finals_and_looks_on_workers_of_their_own(
+    nats_server, nc, engine, http, make_test_speech
+) -> None:  # type: ignore[no-untyped-def]
+    """The layout `escapement up` runs: a worker that takes finals only beside one that
+    takes interim looks only. Both reach the device; the edge counts only the first as a
+    worker that sessions can be admitted for."""
+    speech = make_test_speech([LONG], gap_s=0.5)
+    async with (
+        run_worker(nats_server.url, engine, role="finals") as finals,
+        run_worker(nats_server.url, engine, role="looks") as looks,
+        run_edge(nats_server.url) as edge,
+    ):
+        run = await stream_audio(http, edge.url, speech.pcm, speech.sample_rate, realtime=True)
+        async with http.get(f"{edge.url}/readyz") as r:
+            ready = await r.json()
+    assert wer(speech.text, run.text) <= 0.25, run.text
+    [final] = run.finals
+    interims, late = interims_before_final(run)[final.segment]
+    assert len(interims) >= 3 and not late, [i.text for i in interims]
+    assert (finals.stats["transcribed"], finals.stats["looks"]) == (1, 0)
+    assert looks.stats["transcribed"] == 0 and looks.stats["looks"] >= 3
+    assert ready["workers"] == 1
+
+
 async def test_interim_results_can_be_switched_off(
     nats_server, nc, engine, http, make_test_speech
 ) -> None:  # type: ignore[no-untyped-def]

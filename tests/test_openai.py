@@ -17,7 +17,7 @@ from services.edge.app import transcriptions_key
 from services.edge.auth import hash_key
 from services.edge.transcriptions import TranscriptionConfig
 from services.worker.service import Worker
-from tests.support import RunningEdge, run_edge, wer
+from tests.support import RunningEdge, run_edge, run_worker, wer
 
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",
@@ -203,3 +203,24 @@ async def test_upload_benchmark_smoke(edge: RunningEdge, worker: Worker, make_te
     assert result["baseline"]["count"] >= 1 and result["with_upload"]["count"] >= 1
     assert result["upload"]["status"] == 200, result["upload"]
     assert result["upload"]["wer"] <= 0.25 and result["upload"]["wall_s"] > 0
+
+
+@pytest.mark.slow
+async def test_an_upload_is_decoded_by_the_idle_priority_worker(
+    nats_server, nc, engine, speech_wav
+) -> None:  # type: ignore[no-untyped-def]
+    """`escapement up`'s layout: a file's segments go to the worker that takes interim
+    looks (at idle CPU priority), never to the one that takes live finals."""
+    speech, wav = speech_wav
+    async with (
+        run_worker(nats_server.url, engine, role="finals") as finals,
+        run_worker(nats_server.url, engine, role="looks") as looks,
+        run_edge(nats_server.url) as edge,
+        client(edge) as sdk,
+    ):
+        result = await sdk.audio.transcriptions.create(
+            model="whisper-1", file=("speech.wav", wav, "audio/wav")
+        )
+    assert wer(" ".join(SENTENCES), result.text) <= 0.25, result.text
+    assert finals.stats["transcribed"] == 0
+    assert looks.stats["transcribed"] == len(speech.spans)

@@ -157,6 +157,19 @@ def _cmd_key_new(args: argparse.Namespace) -> int:
     return 0
 
 
+def workers_option(text: str) -> int | str:
+    """argparse type of a `--workers` option: a count (0: an edge without workers), or auto."""
+    if text == "auto":
+        return text
+    try:
+        count = int(text)
+    except ValueError:
+        count = -1
+    if count < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a number of workers (0 or more) or auto")
+    return count
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="escapement", description="Real-time speech-to-text on NATS JetStream"
@@ -168,7 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--host", help="where the edge listens (default 127.0.0.1)")
     up.add_argument("--port", type=int, help="edge port (default 8080; 0: any free port)")
     up.add_argument("--data-dir", help="JetStream store and logs (default: the user data dir)")
-    up.add_argument("--workers", type=int, help="worker processes (default 1)")
+    up.add_argument(
+        "--workers",
+        type=workers_option,
+        help="worker processes, or auto: one single-threaded worker per core (the default)",
+    )
     up.add_argument("--model", help="tiny.en (default), base, or a CTranslate2 folder")
     up.add_argument("--nats-port", type=int, help="embedded nats-server port (default: random)")
     up.set_defaults(func=_cmd_up)

@@ -255,9 +255,14 @@ def render(st: Status) -> str:
             f"{c.redelivered:>9}{c.waiting:>11}{c.acked:>9,}"
         )
     out.append("")
-    out.append(f"Workers: {len(st.workers)} alive")
+    looks = [w for w in st.workers if (w.get("metadata") or {}).get("role") == "looks"]
+    extra = f" (+ {len(looks)} for interim looks only)" if looks else ""
+    out.append(f"Workers: {len(st.workers) - len(looks)} alive{extra}")
     for w in st.workers:
-        engine = (w.get("metadata") or {}).get("engine") or "?"
+        meta = w.get("metadata") or {}
+        engine = str(meta.get("engine") or "?") + (
+            " (looks)" if meta.get("role") == "looks" else ""
+        )
         out.append(f"  {str(w.get('id', '?')):<24}{engine:<36}up {_ago(str(w.get('started', '')))}")
     out.append(f"Edges: {len(st.edges)} alive")
     for e in st.edges:

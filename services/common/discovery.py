@@ -39,6 +39,12 @@ async def ping_services(nc: NATS, name: str, wait: float = 0.25) -> list[dict[st
     return replies
 
 
+def takes_finals(reply: dict[str, object]) -> bool:
+    """Whether a worker's ping reply is one that decodes finals (not interim looks only)."""
+    meta = reply.get("metadata")
+    return not (isinstance(meta, dict) and meta.get("role") == "looks")
+
+
 # The latest answers per connection and service name: the edge's admission pings the
 # workers every second, and a session's checks read what it heard, at no cost.
 _seen: weakref.WeakKeyDictionary[NATS, dict[str, list[dict[str, object]]]] = (

@@ -40,7 +40,7 @@ from nats.errors import Error as NatsError
 from opentelemetry.metrics import Counter as MetricCounter
 
 from jetstream import subjects
-from services.common.discovery import ping_services
+from services.common.discovery import ping_services, takes_finals
 from services.common.supervise import start_supervised
 
 log = logging.getLogger(__name__)
@@ -216,11 +216,12 @@ class Admission:
             log.info("backlog %d <= %d: admitting new sessions again", self.backlog, self.low_water)
 
     async def refresh_workers(self) -> None:
-        """Workers answering a ping. A worker busy decoding may miss one 0.2 s ping:
+        """Workers answering a ping that take finals (not the interim-look-only ones). A worker busy decoding may miss one 0.2 s ping:
         a count that drops is believed only once it has stayed down WORKER_GRACE_S, so
         one slow answer does not refuse sessions as `no_workers`."""
         now = time.monotonic()
-        answered = len(await ping_services(self.nc, subjects.WORKER_SERVICE, wait=0.2))
+        replies = await ping_services(self.nc, subjects.WORKER_SERVICE, wait=0.2)
+        answered = sum(takes_finals(r) for r in replies)
         if answered >= self.workers or now - self._workers_seen_at >= WORKER_GRACE_S:
             self.workers = answered
         if answered >= self.workers:

@@ -21,7 +21,7 @@ class EdgeSettings(msgspec.Struct, frozen=True, kw_only=True):
     vad_mode: int = 3
     preroll_ms: int = 300
     endpoint_ms: int = 500
-    trailing_pad_ms: int = 210
+    trailing_pad_ms: int = 120
     min_speech_ms: int = 150
     max_utterance_ms: int = 15000
     max_segment_bytes: int = 900_000  # audio per segment: under NATS's 1 MiB message limit

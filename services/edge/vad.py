@@ -71,7 +71,7 @@ class VadConfig:
     preroll_ms: int = 300
     endpoint_ms: int = 500  # trailing silence that ends an utterance
     trailing_pad_ms: int = (
-        210  # of that silence (whole 30 ms frames), how much goes with the segment
+        120  # of that silence (whole 30 ms frames), how much goes with the segment
     )
     min_speech_ms: int = 150
     max_utterance_ms: int = 15000

@@ -20,6 +20,7 @@ import signal
 import sys
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Literal
 
 import msgspec
 import platformdirs
@@ -48,12 +49,16 @@ class UpSettings(msgspec.Struct, frozen=True, kw_only=True):
     host: str = "127.0.0.1"
     port: int = 8080  # 0: any free port (the banner says which)
     data_dir: str = ""  # the JetStream store, secrets; "": the user data dir
-    workers: int = 1
+    # "auto": one single-threaded worker per core (`worker_layout`); a number: that many,
+    # sharing the cores
+    workers: int | Literal["auto"] = "auto"
     model: str = "tiny.en"
     nats_url: str = ""  # "": an embedded nats-server
     nats_port: int = -1  # the embedded nats-server's; -1: any free port
     stream_replicas: int = 0  # 0: as in jetstream/streams/*.json
-    cpu_threads: int = 0  # per worker; 0: this machine's cores shared among the workers
+    cpu_threads: int = 0  # per worker; 0: the cores shared among the workers
+    # interim-look-only workers at idle CPU priority ("auto": one per worker on a CPU)
+    look_workers: int | Literal["auto"] = "auto"
     auth_enabled: bool | None = None  # None: off on a loopback host, on elsewhere
     auth_secret: str = ""  # "": one kept in the data dir
     ready_timeout_s: float = 600.0  # give up when no session could be admitted by then
@@ -201,12 +206,23 @@ async def _run(
     except (IncompatibleDefinition, JetStreamUnavailable) as exc:
         raise UpError(str(exc)) from None
 
+    count, threads = worker_layout(settings)
+    lookers = look_workers(settings, count)
+    log.info(
+        "%d worker(s), %d CPU thread(s) each; %d interim-look worker(s) at idle priority",
+        count, threads, lookers,
+    )  # fmt: skip
+    role = "finals" if lookers else "all"
     workers = [
-        WorkerProcess(_worker_env(settings, worker_url), name=f"worker {i}")
-        for i in range(settings.workers)
+        WorkerProcess(_worker_env(settings, worker_url, threads, role), name=f"worker {i}")
+        for i in range(count)
     ]
-    stack.push_async_callback(_stop_workers, workers, 25.0)
-    for worker in workers:
+    processes = workers + [
+        WorkerProcess(_worker_env(settings, worker_url, threads, "looks"), name=f"looks {i}")
+        for i in range(lookers)
+    ]
+    stack.push_async_callback(_stop_workers, processes, 25.0)
+    for worker in processes:
         worker.start()
     tasks: set[asyncio.Task[None]] = set()
     stack.push_async_callback(_cancel, tasks)
@@ -218,9 +234,9 @@ async def _run(
         raise UpError(str(exc)) from None
     except OSError as exc:
         raise UpError(f"cannot listen on {settings.host}:{settings.port}: {exc}") from None
-    if not await _wait_ready(app, settings, workers, stopping):
+    if not await _wait_ready(app, settings, workers, stopping, processes):
         return  # asked to stop before it was up
-    for worker in workers:
+    for worker in processes:
         _own(
             tasks,
             worker.supervise(stopping, settings.restart_backoff_s, settings.restart_backoff_max_s),
@@ -231,14 +247,57 @@ async def _run(
     log.info("stopping")
 
 
-def _worker_env(settings: UpSettings, nats_url: str) -> dict[str, str]:
-    threads = settings.cpu_threads or max(1, (os.cpu_count() or 1) // max(1, settings.workers))
+WORKER_MEMORY_BYTES = 1 << 30  # what "auto" allows each worker (tiny.en ~0.3, base ~0.5 GB RSS)
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, else the machine's)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def worker_layout(settings: UpSettings) -> tuple[int, int]:
+    """(worker processes, CPU threads each). "auto" is the measured best on a CPU: one
+    single-threaded worker per core (loadtest/README.md "Capacity": on 2 cores, 2 x 1
+    thread beat 1 x 2 threads with one session, 648 / 826 against 700 / 1,237 ms p50 /
+    p95 to the Final, since a final no longer waits behind an interim look, and beat
+    2 x 2 threads at 8 sessions, 0.19 against 0.24 CPU-s per audio-s), as many as
+    memory allows. A GPU gets one worker: its streams, not processes, are what scale."""
+    cores = usable_cores()
+    if settings.workers == "auto":
+        if os.environ.get("ESCAPEMENT_DEVICE", "cpu") != "cpu":
+            count = 1
+        else:
+            memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+            count = max(1, min(cores, memory // WORKER_MEMORY_BYTES))
+    else:
+        count = max(0, settings.workers)  # 0: an edge and NATS without workers
+    threads = settings.cpu_threads or max(1, cores // max(1, count))
+    return count, threads
+
+
+def look_workers(settings: UpSettings, workers: int) -> int:
+    """Interim-look-only workers (services/worker/settings.py `role`): "auto" runs one per
+    worker on a CPU, at idle priority, so that a final never waits for a look to end
+    (none with ESCAPEMENT_DEVICE=cuda, or without workers)."""
+    if settings.look_workers != "auto":
+        return max(0, settings.look_workers)
+    on_cpu = os.environ.get("ESCAPEMENT_DEVICE", "cpu") == "cpu"
+    return workers if on_cpu and os.environ.get("ESCAPEMENT_INTERIMS", "true") != "false" else 0
+
+
+def _worker_env(settings: UpSettings, nats_url: str, threads: int, role: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("NATS_USER", "NATS_PASSWORD")}
+    if role == "looks" and env.get("ESCAPEMENT_METRICS_PORT", "0") != "0":
+        env["ESCAPEMENT_METRICS_PORT"] = "0"  # a fixed port is the finals worker's; any free one
     return {
         **env,  # credentials travel in NATS_URL only: the worker's own
         "NATS_URL": nats_url,
         "ESCAPEMENT_MODEL": settings.model,
         "ESCAPEMENT_CPU_THREADS": str(threads),
+        "ESCAPEMENT_ROLE": role,
     }
 
 
@@ -262,9 +321,11 @@ async def _wait_ready(
     settings: UpSettings,
     workers: list[WorkerProcess],
     stopping: asyncio.Event,
+    processes: list[WorkerProcess] | None = None,
 ) -> bool:
     """True once a session would be admitted (with no workers to run: once the streams
-    exist); False when asked to stop first. UpError if a worker exits before that."""
+    exist); False when asked to stop first. UpError if a worker (of `processes`, all the
+    workers' processes: `workers` are those that take finals) exits before that."""
     admission = app[admission_key]
     loop = asyncio.get_running_loop()
     started = loop.time()
@@ -276,7 +337,7 @@ async def _wait_ready(
         waiting = [w for w in state.waiting_for if workers or w != "workers"]
         if not waiting:
             return True
-        for worker in workers:
+        for worker in processes or workers:
             if worker.returncode is not None:
                 raise UpError(
                     f"{worker.name} exited with {worker.returncode} before it was ready "

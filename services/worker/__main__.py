@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 
@@ -95,6 +96,17 @@ async def _serve(settings: WorkerSettings) -> int:
     return 0
 
 
+def idle_priority() -> str:
+    """This process (and the threads it starts from now on) at the lowest CPU priority:
+    SCHED_IDLE where the OS has it, else nice 19. Returns which one."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        return "SCHED_IDLE"
+    except (AttributeError, OSError):
+        os.nice(19 - os.nice(0))
+        return "nice 19"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -110,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"escapement worker: {exc}", file=sys.stderr)
         return 2
     with telemetry("escapement-worker", settings.log_level):
+        if settings.role == "looks":  # before the model starts its threads: they inherit it
+            log.info("interim looks only, at %s CPU priority", idle_priority())
         return asyncio.run(serve(settings, metrics))
 
 

@@ -178,15 +178,7 @@ def _decode_many(model, requests: list[DecodeRequest], policy: DecodePolicy) -> 
     _run(model, encoder, live, policy, beam)
     if policy.retry_word_probability > 0:
         _align(model, encoder, live, policy)
-    retry = [
-        i for i in live if _wants_retry(policy, beam, i.text, i.avg_lp, i.tokens, i.budget, i.words)
-    ]
-    if retry:
-        for i in retry:
-            _retry_prompt(i, policy)
-        _run(model, encoder, retry, policy, policy.retry_beam_size)
-        for i in retry:
-            i.words = None
+    _retry(model, encoder, live, policy, beam)
     pending: dict[int, dict] = {}
     for k, i in items.items():
         done, stats = _verdict(
@@ -236,6 +228,22 @@ def _prepare(model, request: DecodeRequest, policy: DecodePolicy, row: int) -> _
         row=row,
         how=policy.context_in_prompt,
     )
+
+
+def _retry(model, encoder: _Encoded, live: list[_Item], policy: DecodePolicy, beam: int) -> None:  # type: ignore[no-untyped-def]
+    """The wider-beam retry of the rows whose greedy result looks unreliable."""
+    retry = [
+        i for i in live if _wants_retry(policy, beam, i.text, i.avg_lp, i.tokens, i.budget, i.words)
+    ]
+    if not retry:
+        return
+    greedy = {id(i): i.tokens for i in retry}
+    for i in retry:
+        _retry_prompt(i, policy)
+    _run(model, encoder, retry, policy, policy.retry_beam_size)
+    for i in retry:
+        if i.tokens != greedy[id(i)]:  # the same tokens align the same: keep the words
+            i.words = None
 
 
 def _retry_prompt(i: _Item, policy: DecodePolicy) -> None:

@@ -553,8 +553,10 @@ def _decode(model, request: DecodeRequest, policy: DecodePolicy) -> Decoded:  # 
             )
             if tail is not None:
                 prompts["tail"], how = tail, "tail"  # type: ignore[index]
+        greedy_tokens = tokens
         result, tokens, avg_lp, text = run(beam, how)  # type: ignore[arg-type]
-        words = None
+        if tokens != greedy_tokens:  # the same tokens align the same: keep the words
+            words = None
     done, stats = _verdict(
         policy, result, tokens, avg_lp, text, beam, language, tokenizer, seg_start, duration
     )

@@ -133,6 +133,7 @@ class Worker:
             "audio_s": 0.0,
             "inference_s": 0.0,
             "batched": 0,  # segments decoded in a batch of several (batch_max > 1)
+            "looks": 0,  # interim looks taken
         }
         self.ready = asyncio.Event()
         self.metrics = Metrics()
@@ -216,6 +217,9 @@ class Worker:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Fetch and process until `stop` is set; then let in-flight jobs finish."""
+        if self.settings.role == "looks":
+            await self._run_looks(stop)
+            return
         engine = self.engine or await self.load()
         info = await self._consumer(stop)
         if info is None:
@@ -360,7 +364,10 @@ class Worker:
         return time.monotonic() - self._live_seen >= self.file_idle_s
 
     async def _file_segments(self) -> JetStreamContext.PullSubscription | None:
-        """The uploaded files' consumer (same stream, lower priority), if it exists."""
+        """The uploaded files' consumer (same stream, lower priority), if it exists; none
+        for a worker that takes live finals only."""
+        if self.settings.role == "finals":
+            return None
         try:
             return await self.js.pull_subscribe_bind(
                 subjects.CONSUMER_FILES, stream=subjects.STREAM_SEGMENTS
@@ -400,8 +407,37 @@ class Worker:
         except NatsError as exc:
             log.warning("could not unsubscribe from %s: %r", what, exc)
 
+    async def _run_looks(self, stop: asyncio.Event) -> None:
+        """The "looks" role: the work no live final waits for, one job at a time, until
+        `stop` is set: interim looks, and uploaded files' segments (`_use_idle_slot`'s
+        share rule, so that busy sessions' looks do not starve an upload). The process
+        runs at idle CPU priority (services/worker/__main__.py): a finals worker on the
+        same core always goes first."""
+        engine = self.engine or await self.load()
+        looks = await self._interim_looks()
+        files = await self._file_segments()
+        self.ready.set()
+        log.info("worker ready (interim looks and file segments only, engine %s)", engine.name)
+        stopping = asyncio.create_task(stop.wait())
+        try:
+            while not stop.is_set():
+                if self._jobs:
+                    await asyncio.wait({*self._jobs, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                    continue
+                if looks is None and files is None:
+                    await asyncio.wait({stopping})
+                    break
+                await self._use_idle_slot(looks, files)  # each waits interim_poll_s at most
+        finally:
+            stopping.cancel()
+            await self._finish_jobs()
+            if looks:
+                await looks.stop()
+            if files:
+                await self._unsubscribe(files, "file segments")
+
     async def _interim_looks(self) -> InterimLooks | None:
-        if not self.settings.interims:
+        if not self.settings.interims or self.settings.role == "finals":
             return None
         looks = InterimLooks(
             self.nc,
@@ -420,6 +456,7 @@ class Worker:
         msg = await looks.take()
         if msg is None:
             return False
+        self.stats["looks"] += 1
         task = asyncio.create_task(looks.handle(msg))
         self._jobs.add(task)
         task.add_done_callback(self._jobs.discard)
@@ -738,7 +775,8 @@ class Worker:
         first = self.chain.slots[0].spec if self.chain else None
         # a remote engine by its public name: never its URL's credentials
         meta = {
-            "model": (first.name if first.remote else first.text) if first else self.settings.model
+            "model": (first.name if first.remote else first.text) if first else self.settings.model,
+            "role": self.settings.role,
         }
         languages = getattr(self.engine, "languages", None)
         if languages:

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from typing import Literal
+
 import msgspec
 
 
@@ -23,6 +25,13 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True):
     # The consumer's own max_deliver wins; this bounds attempts where it sets none.
     max_deliver: int = 5
     shutdown_grace_s: float = 20.0
+    # What this worker takes. "all": live finals and, when a fetch of those came back
+    # empty, uploaded files' segments and interim looks. "finals": live finals only.
+    # "looks": interim looks and uploaded files' segments only, at idle CPU priority
+    # (SCHED_IDLE, else nice 19): the kernel gives the core to a finals worker the
+    # moment it has a final, so no final waits behind a look or a file's segment
+    # (`escapement up` runs one per finals worker).
+    role: Literal["all", "finals", "looks"] = "all"
     # interim looks (ASR_INTERIMS): taken only when a fetch of finals came back empty
     interims: bool = True
     interim_poll_s: float = 0.05  # how long a fetch of finals waits before a look is taken
