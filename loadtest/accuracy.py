@@ -65,6 +65,7 @@ from loadtest.workload import http_session
 from schemas import device as ev
 from services.cli import workers_option
 from services.cli.client import Received, Refused, StreamRun, stream_audio
+from services.runtime.up import UpSettings, worker_layout
 
 GROUPS = ("real", "jfk", "espeak-noise", "probe", "snr")
 # A Final ending this close before its last span's end still closes that utterance (the
@@ -685,7 +686,7 @@ async def run(args: argparse.Namespace) -> int:
     live = Live(enabled=not args.quiet)
     try:
         if spawned is not None:
-            _say(args, f"starting escapement up (model {args.model}, {args.workers} worker(s)) ...")
+            _say(args, f"starting escapement up (model {args.model}, workers {args.workers}) ...")
             await asyncio.to_thread(spawned.start)
             url = spawned.url
         async with http_session() as http:
@@ -721,7 +722,8 @@ async def run(args: argparse.Namespace) -> int:
         if spawned is not None:
             await asyncio.to_thread(spawned.stop)
 
-    where = f"escapement up, {args.workers} worker(s)" if spawned else url
+    count = worker_layout(UpSettings(workers=args.workers))[0]
+    where = f"escapement up, {count} worker(s)" if spawned else url
     header = (
         f"Accuracy: model {args.model}; streamed through {where} in real time, {args.chunk_ms} ms frames, "
         f"{args.concurrency} at a time; offline: faster-whisper, whole file, beam 5, "

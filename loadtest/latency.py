@@ -31,6 +31,7 @@ from loadtest.runner import ready_target, run_command
 from loadtest.target import SpawnedUp, SpawnError
 from loadtest.workload import Plan, run_devices
 from services.cli import workers_option
+from services.runtime.up import UpSettings, worker_layout
 
 PARTS = {
     "final": "speech end -> Final",
@@ -146,7 +147,8 @@ async def run(args: argparse.Namespace) -> int:
     finally:
         if spawned is not None:
             await asyncio.to_thread(spawned.stop)
-    where = f"spawned escapement up, {args.workers} worker(s)" if spawned else url
+    count = worker_layout(UpSettings(workers=args.workers))[0]
+    where = f"spawned escapement up, {count} worker(s)" if spawned else url
     header = (
         f"End of utterance (last voiced frame) -> Final; {where}; {os.cpu_count()} cores; "
         f"{args.sentences} sentences per session; devices started over {args.ramp:g} s"

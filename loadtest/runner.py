@@ -35,6 +35,7 @@ from loadtest.progress import Live
 from loadtest.slowloris import Attack
 from loadtest.target import SpawnedUp, SpawnError
 from loadtest.workload import Plan, http_session, run_devices, run_sharded
+from services.runtime.up import UpSettings, worker_layout
 
 log = logging.getLogger(__name__)
 
@@ -295,7 +296,8 @@ async def ready_target(
     """The edge to load, once `/readyz` says so: `url`, or that of `spawned` (started
     here). None, with the reason on stderr, when it is not ready within 30 s."""
     if spawned is not None:
-        print(f"starting escapement up ({workers} worker(s)) ...", file=sys.stderr)
+        count = worker_layout(UpSettings(workers=workers))[0]  # "auto": what up will run
+        print(f"starting escapement up ({count} worker(s)) ...", file=sys.stderr)
         await asyncio.to_thread(spawned.start)
         url = spawned.url
     assert url is not None

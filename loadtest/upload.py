@@ -40,6 +40,7 @@ from loadtest.target import SpawnedUp, SpawnError
 from loadtest.workload import http_session
 from services.cli import workers_option
 from services.common.audio import wav_bytes
+from services.runtime.up import UpSettings, worker_layout
 
 PATH = "/v1/audio/transcriptions"
 
@@ -301,7 +302,8 @@ async def run(args: argparse.Namespace) -> int:
     finally:
         if spawned is not None:
             await asyncio.to_thread(spawned.stop)
-    where = f"spawned escapement up, {args.workers} worker(s)" if spawned else url
+    count = worker_layout(UpSettings(workers=args.workers))[0]
+    where = f"spawned escapement up, {count} worker(s)" if spawned else url
     header = (
         f"{args.sessions} live real-time sessions of recorded speech ({args.live_s:g} s each), "
         f"then again with one {args.minutes:g}-minute upload; {where}; {os.cpu_count()} cores"

@@ -416,6 +416,14 @@ class Worker:
         engine = self.engine or await self.load()
         looks = await self._interim_looks()
         files = await self._file_segments()
+        if files is not None:  # its jobs' leases are the file consumer's
+            try:
+                info = await self.js.consumer_info(
+                    subjects.STREAM_SEGMENTS, subjects.CONSUMER_FILES
+                )
+                self.configure(info.config)
+            except (NatsError, TimeoutError) as exc:
+                log.warning("cannot read consumer %s (%r)", subjects.CONSUMER_FILES, exc)
         self.ready.set()
         log.info("worker ready (interim looks and file segments only, engine %s)", engine.name)
         stopping = asyncio.create_task(stop.wait())
