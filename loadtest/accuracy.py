@@ -65,7 +65,6 @@ from loadtest.workload import http_session
 from schemas import device as ev
 from services.cli import workers_option
 from services.cli.client import Received, Refused, StreamRun, stream_audio
-from services.runtime.up import UpSettings, worker_layout
 
 GROUPS = ("real", "jfk", "espeak-noise", "probe", "snr")
 # A Final ending this close before its last span's end still closes that utterance (the
@@ -722,8 +721,7 @@ async def run(args: argparse.Namespace) -> int:
         if spawned is not None:
             await asyncio.to_thread(spawned.stop)
 
-    count = worker_layout(UpSettings(workers=args.workers))[0]
-    where = f"escapement up, {count} worker(s)" if spawned else url
+    where = spawned.layout if spawned else url
     header = (
         f"Accuracy: model {args.model}; streamed through {where} in real time, {args.chunk_ms} ms frames, "
         f"{args.concurrency} at a time; offline: faster-whisper, whole file, beam 5, "

@@ -24,7 +24,8 @@ load costs; the cap itself is the admission question (`loadtest concurrency`,
 The capacity is the largest N whose p95 is within `--target-ms`.
 
 `--overload 2,5` then runs a second `escapement up` with its admission as configured
-(`ESCAPEMENT_MAX_SESSIONS_PER_WORKER`, default 4 per worker) and, for each factor k,
+(by default, sessions fit the workers' measured decode rate: services/edge/admission.py)
+and, for each factor k,
 starts k x the capacity devices at once (0.7 s apart, each one session, the recordings
 reused round-robin): every device is either admitted or refused up front, and the
 admitted ones' p95 is reported next to the target, with any timeouts and failures.
@@ -64,7 +65,8 @@ from loadtest.workload import http_session
 from services.cli import workers_option
 from services.runtime.up import UpSettings, usable_cores, worker_layout
 
-UNCAPPED = {"ESCAPEMENT_MAX_SESSIONS_PER_WORKER": "1000"}  # the sweep admits every device
+# the sweep admits every device: no fixed cap, no measured admission
+UNCAPPED = {"ESCAPEMENT_MAX_SESSIONS_PER_WORKER": "0", "ESCAPEMENT_SESSION_LOAD": "0"}
 
 
 @dataclass
@@ -304,7 +306,7 @@ async def run(args: argparse.Namespace) -> int:
     workers, _ = worker_layout(UpSettings(workers=args.workers))
     rows: list[dict[str, Any]] = []
     try:
-        url = await ready_target(args.url, spawned, workers, "loadtest.capacity")
+        url = await ready_target(args.url, spawned, "loadtest.capacity")
         if url is None:
             return 3
         async with http_session() as http:
@@ -361,8 +363,7 @@ async def _overload_phase(
     spawned = None if args.url else SpawnedUp(workers=args.workers, model=args.model)
     out: list[dict[str, Any]] = []
     try:
-        workers, _ = worker_layout(UpSettings(workers=args.workers))
-        url = await ready_target(args.url, spawned, workers, "loadtest.capacity")
+        url = await ready_target(args.url, spawned, "loadtest.capacity")
         if url is None:
             return out
         async with http_session() as http:

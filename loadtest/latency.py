@@ -31,7 +31,6 @@ from loadtest.runner import ready_target, run_command
 from loadtest.target import SpawnedUp, SpawnError
 from loadtest.workload import Plan, run_devices
 from services.cli import workers_option
-from services.runtime.up import UpSettings, worker_layout
 
 PARTS = {
     "final": "speech end -> Final",
@@ -134,7 +133,7 @@ async def run(args: argparse.Namespace) -> int:
     token = args.token or os.environ.get("ESCAPEMENT_TOKEN") or None
     spawned = SpawnedUp(workers=args.workers, model=args.model) if args.spawn else None
     try:
-        url = await ready_target(args.url, spawned, args.workers, "loadtest.latency")
+        url = await ready_target(args.url, spawned, "loadtest.latency")
         if url is None:
             return 3
         results = []
@@ -147,8 +146,7 @@ async def run(args: argparse.Namespace) -> int:
     finally:
         if spawned is not None:
             await asyncio.to_thread(spawned.stop)
-    count = worker_layout(UpSettings(workers=args.workers))[0]
-    where = f"spawned escapement up, {count} worker(s)" if spawned else url
+    where = f"spawned {spawned.layout}" if spawned else url
     header = (
         f"End of utterance (last voiced frame) -> Final; {where}; {os.cpu_count()} cores; "
         f"{args.sentences} sentences per session; devices started over {args.ramp:g} s"

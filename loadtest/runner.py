@@ -35,7 +35,6 @@ from loadtest.progress import Live
 from loadtest.slowloris import Attack
 from loadtest.target import SpawnedUp, SpawnError
 from loadtest.workload import Plan, http_session, run_devices, run_sharded
-from services.runtime.up import UpSettings, worker_layout
 
 log = logging.getLogger(__name__)
 
@@ -290,14 +289,11 @@ def run_command(
         return 130
 
 
-async def ready_target(
-    url: str | None, spawned: SpawnedUp | None, workers: int | str, tool: str
-) -> str | None:
+async def ready_target(url: str | None, spawned: SpawnedUp | None, tool: str) -> str | None:
     """The edge to load, once `/readyz` says so: `url`, or that of `spawned` (started
     here). None, with the reason on stderr, when it is not ready within 30 s."""
     if spawned is not None:
-        count = worker_layout(UpSettings(workers=workers))[0]  # "auto": what up will run
-        print(f"starting escapement up ({count} worker(s)) ...", file=sys.stderr)
+        print(f"starting {spawned.layout} ...", file=sys.stderr)
         await asyncio.to_thread(spawned.start)
         url = spawned.url
     assert url is not None

@@ -49,6 +49,14 @@ class SpawnedUp:
         self.log_path = self.data_dir / "up.log"
 
     @property
+    def layout(self) -> str:
+        """What this `up` runs, e.g. "escapement up, 2 worker(s)" (auto resolved)."""
+        from services.runtime.up import UpSettings, worker_layout
+
+        count = worker_layout(UpSettings(workers=self.workers))[0]  # type: ignore[arg-type]
+        return f"escapement up, {count} worker(s)"
+
+    @property
     def pid(self) -> int:
         assert self.child is not None
         return self.child.pid

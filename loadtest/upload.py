@@ -40,7 +40,6 @@ from loadtest.target import SpawnedUp, SpawnError
 from loadtest.workload import http_session
 from services.cli import workers_option
 from services.common.audio import wav_bytes
-from services.runtime.up import UpSettings, worker_layout
 
 PATH = "/v1/audio/transcriptions"
 
@@ -287,7 +286,7 @@ async def run(args: argparse.Namespace) -> int:
     token = args.token or os.environ.get("ESCAPEMENT_TOKEN") or None
     spawned = SpawnedUp(workers=args.workers, model=args.model) if args.spawn else None
     try:
-        url = await ready_target(args.url, spawned, args.workers, "loadtest.upload")
+        url = await ready_target(args.url, spawned, "loadtest.upload")
         if url is None:
             return 3
         print(f"baseline: {args.sessions} live session(s) ...", file=sys.stderr)
@@ -302,8 +301,7 @@ async def run(args: argparse.Namespace) -> int:
     finally:
         if spawned is not None:
             await asyncio.to_thread(spawned.stop)
-    count = worker_layout(UpSettings(workers=args.workers))[0]
-    where = f"spawned escapement up, {count} worker(s)" if spawned else url
+    where = f"spawned {spawned.layout}" if spawned else url
     header = (
         f"{args.sessions} live real-time sessions of recorded speech ({args.live_s:g} s each), "
         f"then again with one {args.minutes:g}-minute upload; {where}; {os.cpu_count()} cores"

@@ -66,6 +66,9 @@ def wer(reference: str, hypothesis: str) -> float:
     return errors / max(1, words)
 
 
+NO_SESSION_CAP = {"max_sessions_per_worker": 0, "session_load": 0}  # edges in tests
+
+
 @dataclass
 class RunningEdge:
     url: str
@@ -75,8 +78,8 @@ class RunningEdge:
 
 @contextlib.asynccontextmanager
 async def run_edge(nats_url: str, **overrides: Any) -> AsyncIterator[RunningEdge]:
-    """An edge in this process on a free port, auth off and no per-worker cap unless overridden."""
-    options: dict[str, Any] = {"auth_enabled": False, "max_sessions_per_worker": 0, **overrides}
+    """An edge in this process on a free port, auth off and no session cap unless overridden."""
+    options: dict[str, Any] = {"auth_enabled": False, **NO_SESSION_CAP, **overrides}
     settings = EdgeSettings(nats_url=nats_url, host="127.0.0.1", port=0, **options)
     app = create_app(settings)
     async with serve(app) as port:

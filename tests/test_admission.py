@@ -274,6 +274,32 @@ async def test_queue_refusing_a_segment_tells_the_device_which(
     assert run.close_code == 1000  # the session itself goes on
 
 
+async def test_sessions_are_admitted_by_the_workers_measured_decode_rate(
+    nats_server, nc: NATS, engine, http, make_test_speech
+) -> None:  # type: ignore[no-untyped-def]
+    """A worker says how fast it decodes (its discovery metadata); the edge admits
+    sessions while their expected load fits that rate, and refuses the next up front."""
+    speech = make_test_speech(["please turn on the lights in the kitchen"])
+    async with run_worker(nats_server.url, engine) as worker:
+        async with run_edge(nats_server.url) as plain:  # one decode gives the worker a rate
+            run = await stream_audio(http, plain.url, speech.pcm, speech.sample_rate)
+        assert run.finals and worker.decode_rate() > 0
+        rate = round(worker.decode_rate(), 3)
+        # each session expected to need 40 % of the worker's rate, all of which may be used
+        async with run_edge(
+            nats_server.url, session_load=rate / 2.5, decode_utilisation=1.0
+        ) as edge:
+            admission = edge.app[admission_key]
+            await until(lambda: admission.decode_rates == [rate], 10, "the edge hears the rate")
+            url = f"{edge.url}/v1/stream"
+            held = [await http.ws_connect(url), await http.ws_connect(url)]
+            status, reason, retry, _ = await refusal(http, url)
+            assert (status, reason) == (503, "at_capacity") and retry
+            assert admission.session_cap() == (2, f"the workers decode {rate:.1f} audio s/s")
+            for ws in held:
+                await ws.close()
+
+
 async def test_sessions_per_worker_cap_refuses_before_a_backlog(
     nats_server, nc: NATS, engine, http
 ) -> None:  # type: ignore[no-untyped-def]

@@ -208,8 +208,15 @@ async def chain_of(nc: NATS) -> list[dict[str, object]]:
 
 
 async def redelivered(nc: NATS) -> int:
-    info = await nc.jetstream().consumer_info(subjects.STREAM_SEGMENTS, subjects.CONSUMER_WORKERS)
-    return info.num_redelivered + info.num_ack_pending
+    """Deliveries past the first, plus any still unacked 10 s on: a worker acks after it
+    publishes, so the last ack may trail the result the test has just seen."""
+    js = nc.jetstream()
+    deadline = time.monotonic() + 10
+    while True:
+        info = await js.consumer_info(subjects.STREAM_SEGMENTS, subjects.CONSUMER_WORKERS)
+        if not info.num_ack_pending or time.monotonic() > deadline:
+            return info.num_redelivered + info.num_ack_pending
+        await asyncio.sleep(0.1)
 
 
 # --- settings --------------------------------------------------------------------------

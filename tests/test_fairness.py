@@ -38,7 +38,7 @@ from services.edge.server import serve
 from services.edge.settings import EdgeSettings
 from services.edge.stream import FINALIZE_LIMITED, Output, StreamConfig, StreamCore
 from services.edge.vad import VadConfig
-from tests.support import RunningEdge, run_worker, until, wer
+from tests.support import NO_SESSION_CAP, RunningEdge, run_worker, until, wer
 
 RATE = 16000
 SECRET = "test-secret-0123456789abcdef"
@@ -87,7 +87,7 @@ def meter() -> Iterator[Meter]:
 @contextlib.asynccontextmanager
 async def metered_edge(nats_url: str, meter: Meter, **overrides: Any) -> AsyncIterator[RunningEdge]:
     """`tests.support.run_edge`, its instruments recording into `meter`."""
-    options: dict[str, Any] = {"auth_enabled": False, "max_sessions_per_worker": 0, **overrides}
+    options: dict[str, Any] = {"auth_enabled": False, **NO_SESSION_CAP, **overrides}
     settings = EdgeSettings(nats_url=nats_url, host="127.0.0.1", port=0, **options)
     app = create_app(settings)
     app[metrics_key] = meter.metrics

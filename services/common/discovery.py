@@ -45,6 +45,18 @@ def takes_finals(reply: dict[str, object]) -> bool:
     return not (isinstance(meta, dict) and meta.get("role") == "looks")
 
 
+def decode_rate(reply: dict[str, object]) -> float | None:
+    """A worker's recent decode rate from its ping reply: audio seconds per second of
+    decoding (`decode_rate` in its metadata); None when it has not said yet."""
+    meta = reply.get("metadata")
+    raw = meta.get("decode_rate") if isinstance(meta, dict) else None
+    try:
+        rate = float(raw) if isinstance(raw, str) else None
+    except ValueError:
+        return None
+    return rate if rate is not None and rate > 0 else None
+
+
 # The latest answers per connection and service name: the edge's admission pings the
 # workers every second, and a session's checks read what it heard, at no cost.
 _seen: weakref.WeakKeyDictionary[NATS, dict[str, list[dict[str, object]]]] = (

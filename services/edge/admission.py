@@ -5,10 +5,17 @@ pending on the workers' consumer, refreshed every `refresh_s`, never a
 JetStream call per chunk or per connect) and of the live workers (NATS micro
 discovery). `check()` answers from that view in microseconds. The backlog
 limit has hysteresis: once over the high-water mark the edge refuses until the
-backlog is back under the low-water mark. A cap on sessions per live worker
-refuses before the backlog builds at all (a backlog only shows overload after
-the fact; the cap keeps admitted sessions from waiting on it). Sessions
-already admitted are never affected.
+backlog is back under the low-water mark. A session cap refuses before the
+backlog builds at all (a backlog only shows overload after the fact; the cap
+keeps admitted sessions from waiting on it). The cap comes from what the workers
+measure: each says in its discovery metadata how many audio seconds it decoded
+per second of decoding over its recent finals (`decode_rate`), and the edge
+admits sessions while their expected load (`session_load` audio seconds per
+second each) fits `decode_utilisation` of the workers' summed rate. The headroom
+is what keeps the latency: a queue served at full rate grows without bound.
+Until a worker has a rate, `fallback_sessions_per_worker` stands in; a fixed
+`max_sessions_per_worker` can cap it further. Sessions already admitted are
+never affected.
 
 Tenants share the edge fairly. While more than one tenant is known (named in
 the API keys or in `tenant_quotas`, holding a session, or seen within
@@ -40,7 +47,7 @@ from nats.errors import Error as NatsError
 from opentelemetry.metrics import Counter as MetricCounter
 
 from jetstream import subjects
-from services.common.discovery import ping_services, takes_finals
+from services.common.discovery import decode_rate, ping_services, takes_finals
 from services.common.supervise import start_supervised
 
 log = logging.getLogger(__name__)
@@ -114,8 +121,13 @@ class AdmissionConfig:
     require_workers: bool = True
     retry_after_s: float = 5.0
     max_sessions_per_worker: float = (
-        0.0  # 0: no cap; else sessions this edge admits per live worker
+        0.0  # 0: no fixed cap; else at most this many sessions per live worker
     )
+    # Measured admission: sessions whose expected load (audio seconds of segments per
+    # second each) fits this share of the workers' summed decode rate. 0: off.
+    session_load: float = 0.0
+    decode_utilisation: float = 0.45
+    fallback_sessions_per_worker: float = 4.0  # while no worker has a decode rate yet
     max_connections: int = 2000  # sessions on this edge
     max_connections_per_tenant: int = 500
     tenant_share: float = 0.5  # of capacity and queued audio, while another tenant is known
@@ -145,6 +157,7 @@ class Admission:
         self._queued: tuple[float, Mapping[str, float]] = (-math.inf, {})
         self.backlog = 0
         self.workers = 0
+        self.decode_rates: list[float | None] = []  # per live finals worker, None: not yet
         self._workers_seen_at = 0.0  # when the ping last found `workers` or more
         self.full = False
         self.draining = False
@@ -220,8 +233,13 @@ class Admission:
         a count that drops is believed only once it has stayed down WORKER_GRACE_S, so
         one slow answer does not refuse sessions as `no_workers`."""
         now = time.monotonic()
-        replies = await ping_services(self.nc, subjects.WORKER_SERVICE, wait=0.2)
-        answered = sum(takes_finals(r) for r in replies)
+        replies = [
+            r
+            for r in await ping_services(self.nc, subjects.WORKER_SERVICE, wait=0.2)
+            if takes_finals(r)
+        ]
+        answered = len(replies)
+        self.decode_rates = [decode_rate(r) for r in replies]
         if answered >= self.workers or now - self._workers_seen_at >= WORKER_GRACE_S:
             self.workers = answered
         if answered >= self.workers:
@@ -248,9 +266,27 @@ class Admission:
             self._queued = (now, queued)
         return queued
 
+    def session_cap(self) -> tuple[int, str] | None:
+        """The sessions this edge admits now, and what sets that; None: no cap."""
+        cfg = self.config
+        caps: list[tuple[int, str]] = []
+        fixed = cfg.max_sessions_per_worker * self.workers
+        if fixed > 0:
+            caps.append((int(fixed), f"{cfg.max_sessions_per_worker:g} per worker"))
+        if cfg.session_load > 0 and self.workers:
+            known = [r for r in self.decode_rates if r]
+            if known:  # a worker without a rate yet counts as the others' mean
+                total = sum(known) + (self.workers - len(known)) * sum(known) / len(known)
+                fits = math.floor(cfg.decode_utilisation * total / cfg.session_load)
+                caps.append((max(1, fits), f"the workers decode {total:.1f} audio s/s"))
+            elif cfg.fallback_sessions_per_worker > 0:
+                fallback = int(cfg.fallback_sessions_per_worker * self.workers)
+                caps.append((max(1, fallback), "no decode rate measured yet"))
+        return min(caps) if caps else None
+
     def _capacity(self) -> int:
-        cap = self.config.max_sessions_per_worker * self.workers
-        return int(cap) if cap > 0 else self.config.max_connections
+        cap = self.session_cap()
+        return cap[0] if cap is not None else self.config.max_connections
 
     def quotas(self, tenant: str, now: float | None = None) -> tuple[int, float | None, float]:
         """(sessions, queued audio seconds or None for no limit, share) for `tenant` now."""
@@ -325,12 +361,13 @@ class Admission:
             return Refusal(
                 503, "no_workers", "no transcription worker is running", cfg.retry_after_s
             )
-        cap = cfg.max_sessions_per_worker * self.workers
-        if cap > 0 and self.active_sessions() >= cap:
+        cap = self.session_cap()
+        if cap is not None and self.active_sessions() >= cap[0]:
             return Refusal(
                 503,
                 "at_capacity",
-                f"{self.active_sessions()} sessions already for {self.workers} worker(s)",
+                f"{self.active_sessions()} sessions already for {self.workers} worker(s) "
+                f"(at most {cap[0]}: {cap[1]})",
                 cfg.retry_after_s,
             )
         if self.full and not self._backlog_is_others(tenant, now):

@@ -44,9 +44,17 @@ class EdgeSettings(msgspec.Struct, frozen=True, kw_only=True):
     backlog_high_per_worker: int = 8  # queued + in-flight segments per live worker
     backlog_low_per_worker: int = 4
     require_workers: bool = True  # refuse new sessions while no worker is alive
-    # sessions this edge admits per live worker (0: no cap). 4 suits tiny.en on a
-    # 2-core CPU with people talking without pause; raise it for GPUs or chattier devices.
-    max_sessions_per_worker: float = 4.0
+    # Sessions are admitted while their expected load fits the workers' measured decode
+    # rate (services/edge/admission.py): session_load audio seconds of segments per
+    # second each (0.6 measured on recorded conversation-like speech, pre-roll and pad
+    # included; 0: no measured admission), within decode_utilisation of the summed
+    # rate (0.45: 8-10 sessions on 2 CPU cores with tiny.en, the measured capacity of
+    # loadtest.capacity). fallback_sessions_per_worker holds until a worker has a rate;
+    # max_sessions_per_worker is an optional fixed cap per worker (0: none).
+    session_load: float = 0.6
+    decode_utilisation: float = 0.45
+    fallback_sessions_per_worker: float = 4.0
+    max_sessions_per_worker: float = 0.0
     admission_refresh_s: float = 0.25
     retry_after_s: float = 5.0
     # auth

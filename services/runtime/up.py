@@ -247,7 +247,8 @@ async def _run(
     log.info("stopping")
 
 
-WORKER_MEMORY_BYTES = 1 << 30  # what "auto" allows each worker (tiny.en ~0.3, base ~0.5 GB RSS)
+# what "auto" allows each worker with its look worker (tiny.en ~0.3, base ~0.5 GB RSS each)
+WORKER_MEMORY_BYTES = 1 << 30
 
 
 def usable_cores() -> int:

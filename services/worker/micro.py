@@ -71,4 +71,5 @@ async def register(nc: NATS, worker: Worker) -> Service:
     await service.add_endpoint(
         name="engine", subject=subjects.worker_engine(service.id), handler=engine
     )
+    worker.on_discovery = lambda: metadata.update(described())  # the decode rate moves
     return service

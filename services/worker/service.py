@@ -46,6 +46,7 @@ import contextlib
 import functools
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import ParamSpec, TypeVar
@@ -82,6 +83,7 @@ from services.worker.sweep import Sweep
 log = logging.getLogger(__name__)
 tracer = get_tracer("escapement.worker")
 
+RATE_WINDOW = 50  # finals the reported decode rate is measured over
 DEFAULT_ACK_WAIT_S = 30.0  # nats-server's, for a consumer that names none
 # Segments of uploaded files are taken when no live final waits: after this long
 # without live work, or, while interim looks keep the worker busy, once this long
@@ -140,6 +142,9 @@ class Worker:
         self.file_idle_s = FILE_IDLE_S
         self.file_share_s = FILE_SHARE_S
         self._batch = max(1, settings.batch_max)
+        # (audio s, decode s) of the recent finals: the decode rate edges admit sessions by
+        self._recent: deque[tuple[float, float]] = deque(maxlen=RATE_WINDOW)
+        self.on_discovery: Callable[[], None] | None = None  # discovery metadata changed
 
     async def run_blocking(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
         """`fn(*args, **kwargs)` on the engine's executor, off the event loop."""
@@ -699,6 +704,10 @@ class Worker:
         if audio_s > 0:
             self.metrics.rtf.record(result.inference_ms / 1000 / audio_s, attrs)
         await delivery.ack()  # refused once the lease may have lapsed: the result stands
+        if audio_s > 0 and result.inference_ms > 0:
+            self._recent.append((audio_s, result.inference_ms / 1000))
+            if self.on_discovery is not None:
+                self.on_discovery()
 
     async def _publish_patiently(self, segment: Segment, result: Result, replay: str) -> bool:
         deadline = time.monotonic() + self.settings.publish_retry_s
@@ -786,12 +795,19 @@ class Worker:
             "model": (first.name if first.remote else first.text) if first else self.settings.model,
             "role": self.settings.role,
         }
+        if self._recent:  # audio seconds decoded per second of decoding, recently
+            meta["decode_rate"] = f"{self.decode_rate():.3f}"
         languages = getattr(self.engine, "languages", None)
         if languages:
             meta["languages"] = ",".join(languages)
             multilingual = getattr(self.engine, "multilingual", len(languages) > 1)
             meta["multilingual"] = "true" if multilingual else "false"
         return meta
+
+    def decode_rate(self) -> float:
+        """Audio seconds per second of decoding over the last RATE_WINDOW finals (0: none)."""
+        decoding = sum(d for _, d in self._recent)
+        return sum(a for a, _ in self._recent) / decoding if decoding > 0 else 0.0
 
     async def close(self) -> None:
         for task in self._retiring:
