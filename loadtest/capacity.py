@@ -46,7 +46,6 @@ import argparse
 import asyncio
 import json
 import os
-import statistics
 import sys
 import threading
 import time
@@ -347,9 +346,6 @@ async def run(args: argparse.Namespace) -> int:
             "capacity": capacity(rows, args.target_ms),
             "ceiling": ceil,
             "overload": overload,
-            "median_p95_ms": statistics.median(
-                [r["final_p95_ms"] for r in rows if r["final_p95_ms"] is not None] or [0]
-            ),
         }
         await asyncio.to_thread(Path(args.json_out).write_text, json.dumps(report, indent=1))
     broken = any(o["timed_out"] or o["failed"] for o in overload)

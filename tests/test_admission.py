@@ -33,6 +33,18 @@ async def refusal(
     return caught.value.status, headers.get(ev.REASON_HEADER, ""), headers.get("Retry-After"), took
 
 
+def acme_edge(nats_url: str, key: str, **overrides: object):  # type: ignore[no-untyped-def]
+    """An edge with auth on, no worker needed, and `key` as tenant acme's API key."""
+    return run_edge(
+        nats_url,
+        require_workers=False,
+        auth_enabled=True,
+        auth_secret=SECRET,
+        api_keys=f"acme:{hash_key(key)}",
+        **overrides,
+    )
+
+
 async def sessions_below(http: aiohttp.ClientSession, edge: RunningEdge, n: int) -> bool:
     return await active_sessions(http, edge) < n
 
@@ -96,13 +108,7 @@ async def test_backlog_over_high_water_refuses_until_below_low_water(
 async def test_auth_cases(nats_server, nc: NATS, http, caplog) -> None:  # type: ignore[no-untyped-def]
     caplog.set_level(logging.INFO, logger="aiohttp.access")
     key = "device-key-for-tests-0123456789"
-    async with run_edge(
-        nats_server.url,
-        require_workers=False,
-        auth_enabled=True,
-        auth_secret=SECRET,
-        api_keys=f"acme:{hash_key(key)}",
-    ) as edge:
+    async with acme_edge(nats_server.url, key) as edge:
         url = f"{edge.url}/v1/stream"
         assert (await refusal(http, url))[:2] == (401, "missing_credentials")
         bad = {"Authorization": "Bearer nope"}
@@ -137,14 +143,7 @@ async def test_auth_cases(nats_server, nc: NATS, http, caplog) -> None:  # type:
 async def test_pace_fast_is_a_tenant_permission(nats_server, nc: NATS, http, allowed: str) -> None:  # type: ignore[no-untyped-def]
     """Audio faster than real time (file uploads) only for tenants the operator lists."""
     key = "device-key-for-tests-0123456789"
-    async with run_edge(
-        nats_server.url,
-        require_workers=False,
-        auth_enabled=True,
-        auth_secret=SECRET,
-        api_keys=f"acme:{hash_key(key)}",
-        fast_pace_tenants=allowed,
-    ) as edge:
+    async with acme_edge(nats_server.url, key, fast_pace_tenants=allowed) as edge:
         url = f"{edge.url}/v1/stream"
         auth = {"Authorization": f"Bearer {key}"}
         await admitted(http, url, headers=auth)  # real time: always

@@ -29,7 +29,7 @@ from nats.errors import Error as NatsError
 
 from jetstream.setup import IncompatibleDefinition, JetStreamUnavailable, apply_all
 from observability import telemetry
-from services.common.config import from_env
+from services.common.config import SettingsError, from_env
 from services.common.natsconn import connect, redact
 from services.edge.app import LOOPBACK, EdgeConfigError, admission_key, create_app
 from services.edge.health import readiness
@@ -37,6 +37,7 @@ from services.edge.server import serve
 from services.edge.settings import EdgeSettings
 from services.runtime.natsserver import NatsServer, NatsServerError, NatsUsers, write_private
 from services.runtime.procs import Child, spawn
+from services.worker.settings import WorkerSettings
 
 log = logging.getLogger("escapement.up")
 
@@ -268,7 +269,7 @@ def worker_layout(settings: UpSettings) -> tuple[int, int]:
     memory allows. A GPU gets one worker: its streams, not processes, are what scale."""
     cores = usable_cores()
     if settings.workers == "auto":
-        if os.environ.get("ESCAPEMENT_DEVICE", "cpu") != "cpu":
+        if _workers_settings().device != "cpu":
             count = 1
         else:
             memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
@@ -285,8 +286,16 @@ def look_workers(settings: UpSettings, workers: int) -> int:
     (none with ESCAPEMENT_DEVICE=cuda, or without workers)."""
     if settings.look_workers != "auto":
         return max(0, settings.look_workers)
-    on_cpu = os.environ.get("ESCAPEMENT_DEVICE", "cpu") == "cpu"
-    return workers if on_cpu and os.environ.get("ESCAPEMENT_INTERIMS", "true") != "false" else 0
+    worker = _workers_settings()
+    return workers if worker.device == "cpu" and worker.interims else 0
+
+
+def _workers_settings() -> WorkerSettings:
+    """What the workers will read from this environment (their device, interims)."""
+    try:
+        return from_env(WorkerSettings)
+    except SettingsError as exc:  # the workers refuse it at start, saying why
+        raise UpError(f"worker settings: {exc}") from None
 
 
 def _worker_env(settings: UpSettings, nats_url: str, threads: int, role: str) -> dict[str, str]:

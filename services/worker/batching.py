@@ -58,7 +58,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from services.worker.decoding import (
-    SAMPLE_RATE,
     Decoded,
     DecodedWord,
     DecodePolicy,
@@ -67,19 +66,19 @@ from services.worker.decoding import (
     _budget,
     _decode,
     _finish,
-    _fit_window,
     _generate,
     _generate_many,
     _initial,
     _max_length,
     _new_words,
-    _prompt_tokens,
+    _prompts,
     _read,
     _shifted,
     _tail_prompt,
     _tokenizer,
     _verdict,
     _wants_retry,
+    _window,
     decode,
 )
 
@@ -198,20 +197,16 @@ def _decode_many(model, requests: list[DecodeRequest], policy: DecodePolicy) -> 
 
 def _prepare(model, request: DecodeRequest, policy: DecodePolicy, row: int) -> _Item | Decoded:  # type: ignore[no-untyped-def]
     """What `_decode` computes before the encoder, or its answer for an empty window."""
-    audio, seg_start, voiced, context_text = _fit_window(request, policy)
-    duration = len(audio) / SAMPLE_RATE
-    seg_dur = max(0.0, duration - seg_start)
-    if seg_dur <= 0.05:
+    window = _window(request, policy)
+    if window is None:
         return Decoded(skipped="empty")
+    audio, seg_start, voiced, context_text, duration = window
     features = model.feature_extractor(audio)
     language = request.language or "en"
     tokenizer = _tokenizer(model, language)
-    prompts: dict[bool | str, tuple[list[int], list[int], list[int]]] = {
-        in_prompt: _prompt_tokens(
-            model, tokenizer, request.prompt, context_text, seg_start, policy, in_prompt
-        )
-        for in_prompt in {policy.context_in_prompt, policy.retry_context_in_prompt}
-    }
+    prompts: dict[bool | str, tuple[list[int], list[int], list[int]]] = _prompts(
+        model, tokenizer, request, context_text, seg_start, policy
+    )
     prefix_tokens = prompts[policy.context_in_prompt][1]
     return _Item(
         audio=audio,
@@ -224,7 +219,7 @@ def _prepare(model, request: DecodeRequest, policy: DecodePolicy, row: int) -> _
         tokenizer=tokenizer,
         prompts=prompts,
         prefix_tokens=prefix_tokens,
-        budget=_budget(policy, seg_dur, duration, prefix_tokens),
+        budget=_budget(policy, duration - seg_start, duration, prefix_tokens),
         row=row,
         how=policy.context_in_prompt,
     )

@@ -499,25 +499,18 @@ def _language(
 def _decode(model, request: DecodeRequest, policy: DecodePolicy) -> Decoded:  # type: ignore[no-untyped-def]
     from faster_whisper.transcribe import pad_or_trim
 
-    audio, seg_start, voiced, context_text = _fit_window(request, policy)
-    duration = len(audio) / SAMPLE_RATE
-    seg_dur = max(0.0, duration - seg_start)
-    if seg_dur <= 0.05:
+    window = _window(request, policy)
+    if window is None:
         return Decoded(skipped="empty")
-
+    audio, seg_start, voiced, context_text, duration = window
     features = model.feature_extractor(audio)
     num_frames = features.shape[-1] - 1
     encoder_output = model.encode(pad_or_trim(features))
     language = _language(model, encoder_output, request, context_text, seg_start, duration, policy)
     tokenizer = _tokenizer(model, language)
-    prompts = {
-        in_prompt: _prompt_tokens(
-            model, tokenizer, request.prompt, context_text, seg_start, policy, in_prompt
-        )
-        for in_prompt in {policy.context_in_prompt, policy.retry_context_in_prompt}
-    }
+    prompts = _prompts(model, tokenizer, request, context_text, seg_start, policy)
     prefix_tokens = prompts[policy.context_in_prompt][1]
-    budget = _budget(policy, seg_dur, duration, prefix_tokens)
+    budget = _budget(policy, duration - seg_start, duration, prefix_tokens)
 
     def run(beam: int, in_prompt: bool):  # type: ignore[no-untyped-def]
         prompt, _, forced = prompts[in_prompt]
@@ -565,6 +558,33 @@ def _decode(model, request: DecodeRequest, policy: DecodePolicy) -> Decoded:  # 
     if words is None:
         words = align(tokens)
     return _finish(words, audio, voiced, policy, seg_start, stats)
+
+
+def _window(request: DecodeRequest, policy: DecodePolicy):  # type: ignore[no-untyped-def]
+    """(audio, segment start, voiced spans, context text, duration) as Whisper will see
+    them (`_fit_window`); None when the new segment holds next to no audio."""
+    audio, seg_start, voiced, context_text = _fit_window(request, policy)
+    duration = len(audio) / SAMPLE_RATE
+    if duration - seg_start <= 0.05:
+        return None
+    return audio, seg_start, voiced, context_text, duration
+
+
+def _prompts(
+    model,
+    tokenizer,
+    request: DecodeRequest,
+    context_text: str,
+    seg_start: float,
+    policy: DecodePolicy,
+):  # type: ignore[no-untyped-def]
+    """`_prompt_tokens` for each way the policy reads the context (greedy pass, retry)."""
+    return {
+        in_prompt: _prompt_tokens(
+            model, tokenizer, request.prompt, context_text, seg_start, policy, in_prompt
+        )
+        for in_prompt in {policy.context_in_prompt, policy.retry_context_in_prompt}
+    }
 
 
 def _fit_window(request: DecodeRequest, policy: DecodePolicy):  # type: ignore[no-untyped-def]
