@@ -21,6 +21,8 @@ from nats.js import JetStreamContext
 from nats.js import api as js_api
 from nats.js.errors import APIError, NotFoundError, ServiceUnavailableError
 
+from jetstream import subjects
+
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
@@ -68,6 +70,26 @@ def consumer_definitions() -> list[ConsumerDefinition]:
     for path in sorted(CONSUMERS_DIR.glob("*.json")):
         stream = path.name.split(".", 1)[0]
         out.append(ConsumerDefinition(stream=stream, config=load_json(path)))
+    return out
+
+
+_LANE_KIND = {"asr.segments.>": "segments", "asr.files.>": "files", "asr.interims.>": "interims"}
+
+
+def lane_consumer_definitions(lane: str) -> list[ConsumerDefinition]:
+    """The consumers of a model's lane (jetstream/subjects.py): each default consumer's
+    definition under its lane name, filtered to the lane's subjects. The default lane
+    ("") has the definitions as they are."""
+    if not lane:
+        return consumer_definitions()
+    out = []
+    for d in consumer_definitions():
+        config = copy.deepcopy(d.config)
+        kind = _LANE_KIND[config["filter_subject"]]
+        config["durable_name"] = subjects.lane_consumer(config["durable_name"], lane)
+        config["filter_subject"] = subjects.lane_filter(kind, lane)
+        config["description"] = f"{config.get('description', '')} (lane {lane})".strip()
+        out.append(ConsumerDefinition(stream=d.stream, config=config))
     return out
 
 

@@ -7,6 +7,7 @@ client input ever becomes `.`, `*` or `>` in a subject.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Mapping
 from enum import StrEnum
@@ -57,27 +58,84 @@ def check_token(value: str) -> str:
     return value
 
 
-def segments_subject(edge_id: str, session_id: str) -> str:
+# Model lanes. Segments for the deployment's default model go on the subjects below
+# (`asr.segments.<edge>.<session>`, ...), which its workers' consumers take. A worker
+# that runs another model takes only that model's lane: the same subjects under
+# `asr.lane.<lane>.` on the same streams, through consumers of its own
+# (`<consumer>-<lane>`), so workers of different models never see each other's work.
+LANE = "lane"
+_LANE_KINDS = ("segments", "files", "interims")
+
+
+def lane_of_model(model: str) -> str:
+    """The subject token of a model's lane ("" for the default lane, model ""): its name
+    with anything outside [A-Za-z0-9_-] made '_' ("tiny.en" -> "tiny_en"); a long name
+    (a model folder's path) is cut and told apart by a hash."""
+    if not model:
+        return ""
+    token = re.sub(r"[^A-Za-z0-9_-]", "_", model)
+    if len(token) > 40:
+        token = f"{token[-31:]}-{hashlib.sha1(model.encode()).hexdigest()[:8]}"
+    return check_token(token)
+
+
+def _laned(kind: str, lane: str) -> str:
+    return f"{PREFIX}.{LANE}.{check_token(lane)}.{kind}" if lane else f"{PREFIX}.{kind}"
+
+
+def segments_subject(edge_id: str, session_id: str, lane: str = "") -> str:
     """Where the edge publishes a session's segments (captured by ASR_SEGMENTS)."""
-    return f"{PREFIX}.segments.{check_token(edge_id)}.{check_token(session_id)}"
+    return f"{_laned('segments', lane)}.{check_token(edge_id)}.{check_token(session_id)}"
 
 
-def file_segments_subject(edge_id: str, job_id: str) -> str:
+def file_segments_subject(edge_id: str, job_id: str, lane: str = "") -> str:
     """Where the edge publishes an uploaded file's segments (ASR_SEGMENTS, file-workers).
     Their results come back on `results_subject(edge_id, job_id)`, like a session's."""
-    return f"{PREFIX}.files.{check_token(edge_id)}.{check_token(job_id)}"
+    return f"{_laned('files', lane)}.{check_token(edge_id)}.{check_token(job_id)}"
+
+
+def lane_filter(kind: str, lane: str) -> str:
+    """What a lane's consumer of `kind` (segments, files, interims) takes."""
+    if kind not in _LANE_KINDS:
+        raise ValueError(f"no lane subjects of kind {kind!r}")
+    return f"{_laned(kind, lane)}.>"
+
+
+def lane_consumer(consumer: str, lane: str) -> str:
+    """A lane's own durable consumer of the same work (`workers` -> `workers-base`)."""
+    return f"{consumer}-{check_token(lane)}" if lane else consumer
+
+
+def _split_laned(subject: str) -> tuple[str, list[str]] | None:
+    """(lane, the tokens after the lane prefix) of a subject of ours; None if not one."""
+    parts = subject.split(".")
+    if len(parts) >= 3 and parts[0] == PREFIX and parts[1] == LANE:
+        try:
+            return check_token(parts[2]), [PREFIX, *parts[3:]]
+        except InvalidToken:
+            return None
+    return ("", parts) if parts and parts[0] == PREFIX else None
 
 
 def ids_from_segments_subject(subject: str) -> tuple[str, str] | None:
-    """`asr.segments.<edge>.<session>` (or an uploaded file's `asr.files.<edge>.<job>`)
-    -> (edge, session); None for any other subject."""
-    parts = subject.split(".")
-    if len(parts) != 4 or parts[0] != PREFIX or parts[1] not in ("segments", "files"):
+    """`asr.segments.<edge>.<session>` (or an uploaded file's `asr.files.<edge>.<job>`,
+    or either on a model's lane) -> (edge, session); None for any other subject."""
+    split = _split_laned(subject)
+    if split is None:
+        return None
+    parts = split[1]
+    if len(parts) != 4 or parts[1] not in ("segments", "files"):
         return None
     try:
         return check_token(parts[2]), check_token(parts[3])
     except InvalidToken:
         return None
+
+
+def lane_of_subject(subject: str) -> str:
+    """The lane a segment subject is on ("" for the default lane or any other subject)."""
+    split = _split_laned(subject)
+    return split[0] if split else ""
 
 
 def dead_subject(edge_id: str, session_id: str) -> str:
@@ -97,12 +155,12 @@ def dead_msg_id(stream_seq: int) -> str:
 
 # Published by nats-server when a message of ASR_SEGMENTS reached the workers'
 # max_deliver without being acked or termed (the last holder never answered).
-ADVISORY_MAX_DELIVERIES = (
-    f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{STREAM_SEGMENTS}.{CONSUMER_WORKERS}"
-)
-ADVISORY_MAX_DELIVERIES_FILES = (
-    f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{STREAM_SEGMENTS}.{CONSUMER_FILES}"
-)
+def advisory_max_deliveries(consumer: str) -> str:
+    return f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{STREAM_SEGMENTS}.{check_token(consumer)}"
+
+
+ADVISORY_MAX_DELIVERIES = advisory_max_deliveries(CONSUMER_WORKERS)
+ADVISORY_MAX_DELIVERIES_FILES = advisory_max_deliveries(CONSUMER_FILES)
 # Queue group on that advisory: one worker handles each.
 DEAD_LETTER_QUEUE = "escapement-dead-letter"
 
@@ -193,9 +251,9 @@ def service_ping(name: str) -> str:
     return f"$SRV.PING.{name}"
 
 
-def interims_subject(edge_id: str, session_id: str) -> str:
+def interims_subject(edge_id: str, session_id: str, lane: str = "") -> str:
     """Where the edge publishes a session's interim looks (ASR_INTERIMS keeps the newest)."""
-    return f"{PREFIX}.interims.{check_token(edge_id)}.{check_token(session_id)}"
+    return f"{_laned('interims', lane)}.{check_token(edge_id)}.{check_token(session_id)}"
 
 
 def partials_subject(edge_id: str, session_id: str) -> str:

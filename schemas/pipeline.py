@@ -42,6 +42,9 @@ class Segment(msgspec.Struct, tag=True, kw_only=True, frozen=True):
     # With language "" (detect): the language the session's finals were in so far
     # ("" before the first), kept unless the audio clearly says another.
     session_language: str = ""
+    # The model the session asked for by name (`model=`), whose workers alone take it
+    # (its lane, jetstream/subjects.py); "": the deployment's default model.
+    model: str = ""
 
 
 class Word(msgspec.Struct, frozen=True):

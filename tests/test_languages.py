@@ -1,13 +1,17 @@
-"""Languages: detected per session with the multilingual model, refused up front where
-the workers' model cannot speak them.
+"""Languages and models: detected per session with the multilingual model, refused up
+front where the workers' model cannot speak them; each session's segments go to the
+workers of the model it asks for.
 
 What a user would notice: German speech with no `language` given comes back as
 German words, each `Final` tagged `de`; asking an English-only deployment for
-German is refused before the socket opens, saying which language and model.
+German is refused before the socket opens, saying which language and model. With
+workers of two models, a session that names one (`model=`) is transcribed by that
+model alone, and a model nobody runs is refused before the socket opens.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -40,16 +44,20 @@ def base_engine() -> WhisperEngine:
 
 
 @contextlib.asynccontextmanager
-async def _edge_with_workers(nats_url: str) -> AsyncIterator[RunningEdge]:
+async def _edge_with_workers(nats_url: str, workers: int = 1) -> AsyncIterator[RunningEdge]:
     # each segment waits for the results before it however slow the model: the same
     # left context (earlier utterances' audio and text) whatever the timing
     async with run_edge(nats_url, prompt_wait_s=60) as edge:
-        await until(
-            lambda: last_seen(edge.app[nats_key], subjects.WORKER_SERVICE),
-            within=10,
-            message="the edge discovers the worker",
-        )
+        await _discovered(edge, workers)
         yield edge
+
+
+async def _discovered(edge: RunningEdge, workers: int) -> None:
+    await until(
+        lambda: len(last_seen(edge.app[nats_key], subjects.WORKER_SERVICE)) >= workers,
+        within=10,
+        message=f"the edge discovers {workers} worker(s)",
+    )
 
 
 async def _stream(http: aiohttp.ClientSession, url: str, speech: Speech) -> list[ev.ServerEvent]:
@@ -79,8 +87,8 @@ async def test_german_is_detected_and_transcribed_with_the_multilingual_model(
         ),
         _edge_with_workers(nats_server.url) as edge,
     ):
-        # no `language` in the query
-        url = f"{edge.url}/v1/stream?sample_rate=16000&pace=fast&interim_results=false"
+        # no `language` in the query; the workers of base serve sessions that ask for it
+        url = f"{edge.url}/v1/stream?sample_rate=16000&pace=fast&interim_results=false&model=base"
         events = await _stream(http, url, speech)
     started = next(e for e in events if isinstance(e, ev.SessionStarted))
     assert started.language == ""  # detected, utterance by utterance
@@ -146,3 +154,47 @@ def test_the_session_language_is_kept_and_a_clear_change_is_followed(
     changes = base_engine.transcribe(segment(english.pcm[int(start * 16000 - 4800) * 2 :]))
     assert changes.language == "en", changes
     assert wer(SENTENCES[6], changes.text) <= 0.3, changes.text
+
+
+async def _refused(http: aiohttp.ClientSession, url: str) -> tuple[int, dict]:  # type: ignore[type-arg]
+    async with http.get(url) as r:
+        return r.status, await r.json()
+
+
+@pytest.mark.slow
+async def test_workers_of_two_models_each_get_only_their_own_sessions(
+    nats_server: NatsServer, nc, http, speech_dir: Path, engine, base_engine: WhisperEngine
+) -> None:  # type: ignore[no-untyped-def]
+    speech = make_speech(SENTENCES[:2], speech_dir, gap_s=1.0)
+    query = "sample_rate=16000&pace=fast&interim_results=false"
+    async with (
+        run_worker(nats_server.url, engine, interims=False) as tiny,
+        _edge_with_workers(nats_server.url) as edge,
+    ):
+        # nobody runs base yet: refused up front, naming it; a name nobody knows: 400
+        status, body = await _refused(http, f"{edge.url}/v1/stream?model=base")
+        assert (status, body["reason"], body["model"]) == (503, "no_workers", "base"), body
+        assert "'base'" in body["message"] and "tiny.en" in body["message"], body
+        status, body = await _refused(http, f"{edge.url}/v1/stream?model=large-v9")
+        assert (status, body["reason"]) == (400, "unknown_model"), body
+        assert "tiny.en" in body["message"], body
+        async with run_worker(
+            nats_server.url, base_engine, model="base", interims=False, engine_deadline_s=30
+        ) as base:
+            await _discovered(edge, 2)
+            plain, named, by_base = await asyncio.gather(
+                _stream(http, f"{edge.url}/v1/stream?{query}", speech),
+                _stream(http, f"{edge.url}/v1/stream?{query}&model=tiny.en", speech),
+                _stream(http, f"{edge.url}/v1/stream?{query}&model=base", speech),
+            )
+    finals = {
+        name: [e for e in events if isinstance(e, ev.Final)]
+        for name, events in (("plain", plain), ("named", named), ("base", by_base))
+    }
+    assert all(len(f) == 2 for f in finals.values()), finals
+    # the default model's sessions (named or not) on its worker, base's on base's
+    assert {f.engine for f in finals["plain"] + finals["named"]} == {engine.name}, finals
+    assert {f.engine for f in finals["base"]} == {base_engine.name}, finals
+    assert (tiny.stats["transcribed"], base.stats["transcribed"]) == (4, 2)
+    for got in finals.values():
+        assert wer(speech.text, " ".join(f.text for f in got)) <= 0.35, got

@@ -142,7 +142,7 @@ async def replay(js: JetStreamContext, item: Stored) -> str:
     if ids is None:
         raise ValueError(f"queued on {letter.subject!r}, not a session's segments subject")
     ack = await js.publish(
-        subjects.segments_subject(*ids),
+        subjects.segments_subject(*ids, lane=subjects.lane_of_subject(letter.subject)),
         item.raw.data or b"",
         headers=replay_headers(item.raw, letter),
         stream=subjects.STREAM_SEGMENTS,

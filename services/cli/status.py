@@ -260,8 +260,11 @@ def render(st: Status) -> str:
     out.append(f"Workers: {len(st.workers) - len(looks)} alive{extra}")
     for w in st.workers:
         meta = w.get("metadata") or {}
-        engine = str(meta.get("engine") or "?") + (
-            " (looks)" if meta.get("role") == "looks" else ""
+        lane = f" [model {meta.get('serves')}]" if meta.get("lane") else ""
+        engine = (
+            str(meta.get("engine") or "?")
+            + lane
+            + (" (looks)" if meta.get("role") == "looks" else "")
         )
         out.append(f"  {str(w.get('id', '?')):<24}{engine:<36}up {_ago(str(w.get('started', '')))}")
     out.append(f"Edges: {len(st.edges)} alive")

@@ -39,6 +39,12 @@ async def ping_services(nc: NATS, name: str, wait: float = 0.25) -> list[dict[st
     return replies
 
 
+def lane_of(reply: dict[str, object]) -> str:
+    """The model lane a worker's ping reply says it takes ("": the default model's)."""
+    meta = reply.get("metadata")
+    return str(meta.get("lane") or "") if isinstance(meta, dict) else ""
+
+
 def takes_finals(reply: dict[str, object]) -> bool:
     """Whether a worker's ping reply is one that decodes finals (not interim looks only)."""
     meta = reply.get("metadata")
@@ -77,6 +83,8 @@ class WorkerLanguages:
     engine: str
     languages: tuple[str, ...] | None  # None: the worker does not say
     multilingual: bool
+    serves: str = ""  # the model whose sessions it takes ("": it does not say)
+    lane: str = ""  # that model's lane ("": the default model's)
 
     @classmethod
     def of(cls, reply: dict[str, object]) -> WorkerLanguages:
@@ -88,6 +96,8 @@ class WorkerLanguages:
             engine=str(meta.get("engine") or ""),
             languages=tuple(str(listed).split(",")) if isinstance(listed, str) and listed else None,
             multilingual=meta.get("multilingual") == "true",
+            serves=str(meta.get("serves") or ""),
+            lane=str(meta.get("lane") or ""),
         )
 
     def describe(self) -> str:

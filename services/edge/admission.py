@@ -47,7 +47,7 @@ from nats.errors import Error as NatsError
 from opentelemetry.metrics import Counter as MetricCounter
 
 from jetstream import subjects
-from services.common.discovery import decode_rate, ping_services, takes_finals
+from services.common.discovery import decode_rate, lane_of, ping_services, takes_finals
 from services.common.supervise import start_supervised
 
 log = logging.getLogger(__name__)
@@ -153,12 +153,16 @@ class Admission:
         self.queued_audio = queued_audio
         self.restarts = restarts  # escapement_loop_restarts_total
         self.tenants: Counter[str] = Counter()  # open sessions by tenant
+        self.lane_sessions: Counter[str] = Counter()  # open sessions by model lane
         self._seen: dict[str, float] = {}  # tenant -> when it last asked (monotonic)
         self._queued: tuple[float, Mapping[str, float]] = (-math.inf, {})
         self.backlog = 0
         self.workers = 0
         self.decode_rates: list[float | None] = []  # per live finals worker, None: not yet
-        self._workers_seen_at = 0.0  # when the ping last found `workers` or more
+        # by model lane ("": the default model's): live finals workers and their rates
+        self.lane_workers: dict[str, int] = {}
+        self.lane_rates: dict[str, list[float | None]] = {}
+        self._lane_seen_at: dict[str, float] = {}  # when a ping last found that many or more
         self.full = False
         self.draining = False
         self.updated = 0.0
@@ -168,13 +172,17 @@ class Admission:
     def active_sessions(self) -> int:
         return self.tenants.total()
 
-    def opened(self, tenant: str) -> None:
+    def opened(self, tenant: str, lane: str = "") -> None:
         self.tenants[tenant] += 1
+        self.lane_sessions[lane] += 1
 
-    def closed(self, tenant: str) -> None:
+    def closed(self, tenant: str, lane: str = "") -> None:
         self.tenants[tenant] -= 1
         if self.tenants[tenant] <= 0:
             del self.tenants[tenant]
+        self.lane_sessions[lane] -= 1
+        if self.lane_sessions[lane] <= 0:
+            del self.lane_sessions[lane]
 
     @property
     def high_water(self) -> int:
@@ -229,21 +237,32 @@ class Admission:
             log.info("backlog %d <= %d: admitting new sessions again", self.backlog, self.low_water)
 
     async def refresh_workers(self) -> None:
-        """Workers answering a ping that take finals (not the interim-look-only ones). A worker busy decoding may miss one 0.2 s ping:
-        a count that drops is believed only once it has stayed down WORKER_GRACE_S, so
-        one slow answer does not refuse sessions as `no_workers`."""
+        """Workers answering a ping that take finals (not the interim-look-only ones), by
+        model lane. A worker busy decoding may miss one 0.2 s ping: a count that drops
+        is believed only once it has stayed down WORKER_GRACE_S, so one slow answer
+        does not refuse sessions as `no_workers`."""
         now = time.monotonic()
         replies = [
             r
             for r in await ping_services(self.nc, subjects.WORKER_SERVICE, wait=0.2)
             if takes_finals(r)
         ]
-        answered = len(replies)
-        self.decode_rates = [decode_rate(r) for r in replies]
-        if answered >= self.workers or now - self._workers_seen_at >= WORKER_GRACE_S:
-            self.workers = answered
-        if answered >= self.workers:
-            self._workers_seen_at = now
+        rates: dict[str, list[float | None]] = {}
+        for reply in replies:
+            rates.setdefault(lane_of(reply), []).append(decode_rate(reply))
+        self.lane_rates = rates
+        self.decode_rates = [rate for lane in rates.values() for rate in lane]
+        for lane in {*rates, *self.lane_workers}:
+            answered, had = len(rates.get(lane, ())), self.lane_workers.get(lane, 0)
+            seen_at = self._lane_seen_at.get(lane, 0.0)
+            count = answered if answered >= had or now - seen_at >= WORKER_GRACE_S else had
+            if answered >= count:
+                self._lane_seen_at[lane] = now
+            if count:
+                self.lane_workers[lane] = count
+            else:
+                self.lane_workers.pop(lane, None)
+        self.workers = sum(self.lane_workers.values())
 
     # --- tenants ---------------------------------------------------------------
 
@@ -266,23 +285,33 @@ class Admission:
             self._queued = (now, queued)
         return queued
 
-    def session_cap(self) -> tuple[int, str] | None:
-        """The sessions this edge admits now, and what sets that; None: no cap."""
+    def session_cap(self, lane: str | None = None) -> tuple[int, str] | None:
+        """The sessions this edge admits now, and what sets that; None: no cap. `lane`:
+        the sessions of that model lane, from its workers alone (None: all of them)."""
         cfg = self.config
         caps: list[tuple[int, str]] = []
-        fixed = cfg.max_sessions_per_worker * self.workers
+        if lane is None:
+            workers, rates = self.workers, self.decode_rates
+        else:
+            workers, rates = self.lane_workers.get(lane, 0), self.lane_rates.get(lane, [])
+        fixed = cfg.max_sessions_per_worker * workers
         if fixed > 0:
             caps.append((int(fixed), f"{cfg.max_sessions_per_worker:g} per worker"))
-        if cfg.session_load > 0 and self.workers:
-            known = [r for r in self.decode_rates if r]
+        if cfg.session_load > 0 and workers:
+            known = [r for r in rates if r]
             if known:  # a worker without a rate yet counts as the others' mean
-                total = sum(known) + (self.workers - len(known)) * sum(known) / len(known)
+                total = sum(known) + (workers - len(known)) * sum(known) / len(known)
                 fits = math.floor(cfg.decode_utilisation * total / cfg.session_load)
                 caps.append((max(1, fits), f"the workers decode {total:.1f} audio s/s"))
             elif cfg.fallback_sessions_per_worker > 0:
-                fallback = int(cfg.fallback_sessions_per_worker * self.workers)
+                fallback = int(cfg.fallback_sessions_per_worker * workers)
                 caps.append((max(1, fallback), "no decode rate measured yet"))
         return min(caps) if caps else None
+
+    def lanes_named(self) -> bool:
+        """Whether any worker or session is on a named model's lane: then each lane is
+        admitted by its own workers (else, as always, every worker counts)."""
+        return any(self.lane_workers) or any(self.lane_sessions)
 
     def _capacity(self) -> int:
         cap = self.session_cap()
@@ -344,7 +373,8 @@ class Admission:
 
     # --- the decision ---------------------------------------------------------
 
-    def check(self, tenant: str = "default") -> Refusal | None:
+    def check(self, tenant: str = "default", lane: str = "") -> Refusal | None:
+        """Whether a new session of `tenant` on model lane `lane` is refused, and why."""
         cfg = self.config
         now = time.monotonic()
         self._seen[tenant] = now
@@ -357,17 +387,20 @@ class Admission:
             return refusal
         if not self.nc.is_connected:
             return Refusal(503, "nats_unavailable", "the queue is unreachable", 2.0)
-        if cfg.require_workers and self.workers == 0:
+        by_lane = bool(lane) or self.lanes_named()
+        workers = self.lane_workers.get(lane, 0) if by_lane else self.workers
+        if cfg.require_workers and workers == 0:
+            what = f"for model lane {lane} " if lane else ""
             return Refusal(
-                503, "no_workers", "no transcription worker is running", cfg.retry_after_s
+                503, "no_workers", f"no transcription worker {what}is running", cfg.retry_after_s
             )
-        cap = self.session_cap()
-        if cap is not None and self.active_sessions() >= cap[0]:
+        cap = self.session_cap(lane if by_lane else None)
+        held = self.lane_sessions[lane] if by_lane else self.active_sessions()
+        if cap is not None and held >= cap[0]:
             return Refusal(
                 503,
                 "at_capacity",
-                f"{self.active_sessions()} sessions already for {self.workers} worker(s) "
-                f"(at most {cap[0]}: {cap[1]})",
+                f"{held} sessions already for {workers} worker(s) (at most {cap[0]}: {cap[1]})",
                 cfg.retry_after_s,
             )
         if self.full and not self._backlog_is_others(tenant, now):

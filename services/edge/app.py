@@ -21,6 +21,7 @@ from nats.micro.request import Request
 
 from jetstream import subjects
 from jetstream.setup import apply_all
+from jetstream.subjects import lane_of_model
 from observability.metrics import ATTR_REASON, Metrics
 from schemas.device import REASON_HEADER
 from schemas.pipeline import ResultMessage, SessionRecord
@@ -31,7 +32,14 @@ from services.edge import dashboard, deepgram, health, probe, queue_view, resume
 from services.edge.admission import Admission, AdmissionConfig, parse_tenant_quotas
 from services.edge.auth import Authenticator, AuthError, load_api_keys, mint_resume_token
 from services.edge.origins import GUARDED_PATHS, OriginPolicy
-from services.edge.params import BadRequest, StreamParams, check_language, parse_stream_params
+from services.edge.params import (
+    BadRequest,
+    ModelUnavailable,
+    StreamParams,
+    check_language,
+    parse_stream_params,
+    route_model,
+)
 from services.edge.router import ResultRouter
 from services.edge.session import Dialect, Session, SessionCounters
 from services.edge.settings import EdgeSettings
@@ -178,8 +186,10 @@ async def _accept(request: web.Request, negotiate: Negotiate) -> web.StreamRespo
                 "ask the operator to list it in ESCAPEMENT_FAST_PACE_TENANTS",
             )
         workers = worker_languages(last_seen(app[nats_key], subjects.WORKER_SERVICE))
+        # 400 for a model nobody here knows, 503 for one no live worker runs
+        params, workers = route_model(params, workers, settings.default_model)
         params = check_language(params, workers)  # 400 for a language no worker speaks
-        refusal = app[admission_key].check(principal.tenant)
+        refusal = app[admission_key].check(principal.tenant, lane_of_model(params.model))
         if refusal is not None:
             raise Refused(
                 refusal.status, refusal.reason, refusal.message, refusal.retry_after, refusal.detail
@@ -187,6 +197,9 @@ async def _accept(request: web.Request, negotiate: Negotiate) -> web.StreamRespo
         opening = await _open(app, request, principal.tenant, params)
     except BadRequest as exc:
         return refuse(request, 400, exc.reason, exc.message)
+    except ModelUnavailable as exc:
+        retry = app[settings_key].retry_after_s
+        return refuse(request, 503, "no_workers", exc.message, retry, {"model": exc.model})
     except (AuthError, ResumeRefused, Refused) as exc:
         return refuse(
             request,
@@ -278,7 +291,8 @@ async def _serve(
         app[admission_key],
     )
     tenant = {"tenant": session.tenant}
-    admission.opened(session.tenant)
+    lane = lane_of_model(session.params.model)
+    admission.opened(session.tenant, lane)
     app[sessions_key].add(session)
     router.register(session)
     try:
@@ -301,7 +315,7 @@ async def _serve(
     finally:
         router.unregister(session)
         app[sessions_key].discard(session)
-        admission.closed(session.tenant)
+        admission.closed(session.tenant, lane)
         code = session.close_code or ws.close_code or 1006
         stats.closed[code] += 1
         if ws.prepared:

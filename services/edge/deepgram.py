@@ -268,7 +268,7 @@ def parse_listen(
         "language": language or "en",
         "interim_results": "true" if interim else "false",
     }
-    params = parse_stream_params(native)
+    params = dataclasses.replace(parse_stream_params(native), model=model)
     if not language:
         params = dataclasses.replace(params, language="")  # "": the worker detects it
     endpointing = query.get("endpointing")

@@ -114,8 +114,10 @@ class FileJob:
         cuts: list[Utterance],
         language: str,
         prompt: str = "",
+        model: str = "",  # "": the default model's workers; else that model's lane
     ) -> None:
         self.js = js
+        self.model = model
         self.config = config
         self._id = secrets.token_urlsafe(12)
         self.edge_id = edge_id
@@ -236,6 +238,7 @@ class FileJob:
             context_pcm=context_pcm,
             context_text=context_text,
             voiced=list(cut.voiced),
+            model=self.model,
         )
         headers = inject_headers(
             {
@@ -247,7 +250,9 @@ class FileJob:
         self._outstanding[number] = time.monotonic()
         try:
             await self.js.publish(
-                subjects.file_segments_subject(self.edge_id, self._id),
+                subjects.file_segments_subject(
+                    self.edge_id, self._id, subjects.lane_of_model(self.model)
+                ),
                 encode_segment(segment),
                 headers=headers,
                 timeout=self.config.publish_timeout_s,

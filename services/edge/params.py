@@ -9,9 +9,11 @@ Whether the workers can speak it is checked before the upgrade too
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from jetstream import subjects
 from services.common.audio import SUPPORTED_RATES
 from services.common.discovery import WorkerLanguages
 from services.common.languages import is_language_tag, primary_language
@@ -20,6 +22,21 @@ ENCODINGS = ("linear16",)
 FRAMINGS = ("raw", "msgpack")
 DETECT = ("", "auto")  # language values that mean: detect it
 MAX_JITTER_MS = 2000  # bounds the audio a session's jitter buffer holds
+
+
+# The models the project ships (services/worker/models.py): one no worker runs is
+# refused as unavailable (503), any other name as unknown (400).
+SHIPPED_MODELS = ("tiny.en", "base")
+_MODEL = re.compile(r"[A-Za-z0-9._/-]{1,200}")
+
+
+class ModelUnavailable(Exception):
+    """A model this deployment knows but no live worker runs: HTTP 503 no_workers."""
+
+    def __init__(self, model: str, message: str) -> None:
+        super().__init__(message)
+        self.model = model
+        self.message = message
 
 
 class BadRequest(ValueError):
@@ -40,6 +57,9 @@ class StreamParams:
     fast: bool = False  # pace=fast: a file upload, exempt from the real-time rate limit
     interim_results: bool = True
     jitter_ms: int | None = None  # framing=msgpack: the jitter buffer (None: the edge's)
+    # model=: the model asked for by name; "" the deployment's default (`route_model`
+    # turns a name the default-lane workers run into "" too)
+    model: str = ""
 
 
 def parse_stream_params(query: Mapping[str, str], default_language: str = "") -> StreamParams:
@@ -90,6 +110,50 @@ def parse_stream_params(query: Mapping[str, str], default_language: str = "") ->
         fast=pace == "fast",
         interim_results=interim == "true",
         jitter_ms=_jitter_ms(query.get("jitter_ms")),
+        model=_model(query.get("model", "")),
+    )
+
+
+def _model(raw: str) -> str:
+    raw = raw.strip()
+    if raw and not _MODEL.fullmatch(raw):
+        raise BadRequest("unknown_model", f"model {raw[:40]!r} is not a model name")
+    return raw
+
+
+def route_model(
+    params: StreamParams, workers: Sequence[WorkerLanguages], default_model: str
+) -> tuple[StreamParams, list[WorkerLanguages]]:
+    """The session's model (`route`), and the live workers that serve it."""
+    model, serving = route(params.model, workers, default_model)
+    return dataclasses.replace(params, model=model), serving
+
+
+def route(
+    model: str, workers: Sequence[WorkerLanguages], default_model: str
+) -> tuple[str, list[WorkerLanguages]]:
+    """The model a session or upload goes to ("": the default lane's), and the live
+    workers that serve it.
+
+    No model, or one the default lane's workers run (or the deployment's
+    `default_model`): the default lane ("", every worker there). Another: the lane of
+    that model, when a live worker takes it. Else refused up front: a model the project
+    ships but nobody runs with `ModelUnavailable` (503 no_workers), any other name with
+    BadRequest unknown_model (400), each naming what is served."""
+    default = [w for w in workers if not w.lane]
+    if not model or model in {default_model, *(w.serves for w in default)}:
+        return "", default
+    lane = subjects.lane_of_model(model)
+    serving = [w for w in workers if w.lane == lane]
+    if serving:
+        return model, serving
+    served = sorted({default_model, *(w.serves for w in workers if w.serves)})
+    if model in SHIPPED_MODELS:
+        raise ModelUnavailable(
+            model, f"no live worker runs model {model!r} (served now: {', '.join(served)})"
+        )
+    raise BadRequest(
+        "unknown_model", f"model {model[:40]!r} is not served here; use one of {', '.join(served)}"
     )
 
 

@@ -117,11 +117,13 @@ class SegmentPublisher:
                     self.on_failure(PublishFailure(left.segment, "publish_failed", message))
             raise
 
-    async def purge_interims(self, session_id: str, edge_id: str) -> None:
+    async def purge_interims(self, session_id: str, edge_id: str, model: str = "") -> None:
         """Interrupt: interim looks still waiting for a worker are dropped."""
+        lane = subjects.lane_of_model(model)
         try:
             await self.js.purge_stream(
-                subjects.STREAM_INTERIMS, subject=subjects.interims_subject(edge_id, session_id)
+                subjects.STREAM_INTERIMS,
+                subject=subjects.interims_subject(edge_id, session_id, lane),
             )
         except (NatsError, TimeoutError) as exc:
             log.info("session %s: pending interims not purged: %r", session_id, exc)
@@ -144,7 +146,8 @@ class SegmentPublisher:
         return bool(removed)
 
     async def _publish_interim(self, segment: Segment) -> None:
-        subject = subjects.interims_subject(segment.edge_id, segment.session_id)
+        lane = subjects.lane_of_model(segment.model)
+        subject = subjects.interims_subject(segment.edge_id, segment.session_id, lane)
         headers = {
             subjects.Header.TENANT: segment.tenant,
             subjects.Header.SESSION: segment.session_id,
@@ -168,7 +171,8 @@ class SegmentPublisher:
             subjects.Header.SESSION: segment.session_id,
         }
         payload = encode_segment(segment)
-        subject = subjects.segments_subject(segment.edge_id, segment.session_id)
+        lane = subjects.lane_of_model(segment.model)
+        subject = subjects.segments_subject(segment.edge_id, segment.session_id, lane)
         with tracer.start_as_current_span(
             "segment.publish",
             attributes={

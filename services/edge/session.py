@@ -420,7 +420,7 @@ class Session:
             return True
         elif isinstance(message, ev.Interrupt):
             self.core.interrupt()
-            await self.publisher.purge_interims(self.id, self.record.edge_id)
+            await self.publisher.purge_interims(self.id, self.record.edge_id, self.params.model)
         # KeepAlive: receiving it reset the idle timer.
         return False
 

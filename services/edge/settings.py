@@ -17,6 +17,10 @@ class EdgeSettings(msgspec.Struct, frozen=True, kw_only=True):
     # a session that names no language: "" detects it per utterance where the workers'
     # model is multilingual (English-only models: en)
     default_language: str = ""
+    # The deployment's default model (the workers' default_model too): sessions that
+    # name no model (or this one) go to the workers that run it; a session asking for
+    # another model by name (`model=`) goes to the workers of that model only.
+    default_model: str = "tiny.en"
     # VAD / utterance cutting
     vad_mode: int = 3
     preroll_ms: int = 300

@@ -466,6 +466,7 @@ class StreamCore:
             final=final,
             revision=revision,
             session_language="" if self.params.language else self.session_language[1],
+            model=self.params.model,
         )
 
     def _maybe_interim(self, out: list[Output]) -> None:

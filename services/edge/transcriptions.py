@@ -27,9 +27,11 @@ from typing import Any
 from aiohttp import BodyPartReader, web
 from nats.aio.client import Client as NATS
 
+from jetstream import subjects
 from observability.metrics import ATTR_REASON, Metrics
 from schemas.device import REASON_HEADER
 from schemas.pipeline import Result
+from services.common.discovery import last_seen, worker_languages
 from services.common.languages import is_language_tag
 from services.edge.admission import Admission
 from services.edge.auth import Authenticator, AuthError
@@ -43,6 +45,7 @@ from services.edge.filejob import (
     cut_file,
     decode_file,
 )
+from services.edge.params import BadRequest, ModelUnavailable, route
 from services.edge.router import ResultRouter
 from services.edge.settings import EdgeSettings
 from services.edge.vad import Utterance, VadConfig
@@ -461,7 +464,13 @@ async def _transcribe(request: web.Request, keys: Keys) -> web.StreamResponse:
     state = app[keys.state]
     fields, upload = await read_form(request, state.config.max_file_bytes)
     opts = parse_options(fields, upload)
-    admission.opened(principal.tenant)  # an upload holds a place like a session, until done
+    model = _route(app, keys, opts.model)
+    lane = subjects.lane_of_model(model)
+    if lane and (refusal := admission.check(principal.tenant, lane)) is not None:
+        raise ApiError(
+            refusal.status, refusal.message, code=refusal.reason, retry_after=refusal.retry_after
+        )
+    admission.opened(principal.tenant, lane)  # an upload holds a place like a session
     try:
         pcm, cuts = await _prepare(app, keys, state, opts)
         job = FileJob(
@@ -473,6 +482,7 @@ async def _transcribe(request: web.Request, keys: Keys) -> web.StreamResponse:
             cuts=cuts,
             language=opts.language,
             prompt=opts.prompt,
+            model=model,
         )
         log.info(
             "transcription %s: %s, %.1f s of audio in %d cut(s) (tenant %s, model %s)",
@@ -500,7 +510,21 @@ async def _transcribe(request: web.Request, keys: Keys) -> web.StreamResponse:
             router.unregister(job)
             state.jobs += 1
     finally:
-        admission.closed(principal.tenant)
+        admission.closed(principal.tenant, lane)
+
+
+def _route(app: web.Application, keys: Keys, name: str) -> str:
+    """The model an upload's segments go to ("": the default model's workers). OpenAI's
+    names mean the default; ours are routed like a session's `model=`."""
+    if name in OPENAI_MODELS or name == "escapement":
+        return ""
+    workers = worker_languages(last_seen(app[keys.nats], subjects.WORKER_SERVICE))
+    try:
+        return route(name, workers, app[keys.settings].default_model)[0]
+    except ModelUnavailable as exc:
+        raise ApiError(503, exc.message, code="no_workers", retry_after=5) from None
+    except BadRequest as exc:
+        raise ApiError(400, exc.message, param="model", code="model_not_found") from None
 
 
 async def _prepare(

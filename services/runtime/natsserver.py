@@ -149,6 +149,18 @@ def permissions(role: str, user: str | None = None) -> dict[str, Any]:
                     f"{_API}.CONSUMER.MSG.NEXT.{s}.{c}",
                 )
             ),
+            # a worker of another model than the default: its lane's consumers, which it
+            # may create only on lane subjects (jetstream/subjects.py), and take from
+            *(
+                subject
+                for s in sorted({s for s, _ in consumers})
+                for subject in (
+                    f"{_API}.CONSUMER.CREATE.{s}.*.{subjects.PREFIX}.{subjects.LANE}.>",
+                    f"{_API}.CONSUMER.INFO.{s}.*",
+                    f"{_API}.CONSUMER.MSG.NEXT.{s}.*",
+                    f"$JS.ACK.{s}.*.>",
+                )
+            ),
             # dead letters: read the exhausted segment, delete it, keep it on ASR_DEAD
             f"{_API}.STREAM.MSG.GET.{subjects.STREAM_SEGMENTS}",
             f"{_API}.STREAM.MSG.DELETE.{subjects.STREAM_SEGMENTS}",

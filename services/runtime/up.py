@@ -306,6 +306,7 @@ def _worker_env(settings: UpSettings, nats_url: str, threads: int, role: str) ->
         **env,  # credentials travel in NATS_URL only: the worker's own
         "NATS_URL": nats_url,
         "ESCAPEMENT_MODEL": settings.model,
+        "ESCAPEMENT_DEFAULT_MODEL": settings.model,  # up's workers serve the default lane
         "ESCAPEMENT_CPU_THREADS": str(threads),
         "ESCAPEMENT_ROLE": role,
     }
@@ -321,6 +322,7 @@ def _edge_settings(settings: UpSettings, nats_url: str, data_dir: Path) -> EdgeS
         host=settings.host,
         port=settings.port,
         stream_replicas=settings.stream_replicas,
+        default_model=settings.model,
         auth_enabled=auth_enabled,
         auth_secret=settings.auth_secret or load_or_make_secret(data_dir),
     )

@@ -32,8 +32,16 @@ Decode = Callable[[Segment], Awaitable[tuple[Transcription, str]]]
 
 
 class InterimLooks:
-    def __init__(self, nc: NATS, decode: Decode, max_age_s: float, poll_s: float) -> None:
+    def __init__(
+        self,
+        nc: NATS,
+        decode: Decode,
+        max_age_s: float,
+        poll_s: float,
+        consumer: str = subjects.CONSUMER_INTERIMS,
+    ) -> None:
         self.nc = nc
+        self.consumer = consumer  # the worker's lane's
         self.js: JetStreamContext = nc.jetstream()
         self.decode = decode  # the worker's engine, on its executor: (transcription, engine)
         self.max_age_s = max_age_s
@@ -43,7 +51,7 @@ class InterimLooks:
 
     async def start(self) -> None:
         self._psub = await self.js.pull_subscribe_bind(
-            subjects.CONSUMER_INTERIMS, stream=subjects.STREAM_INTERIMS
+            self.consumer, stream=subjects.STREAM_INTERIMS
         )
 
     async def stop(self) -> None:

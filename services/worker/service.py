@@ -61,6 +61,7 @@ from nats.js import api as js_api
 from nats.js.errors import NotFoundError
 
 from jetstream import subjects
+from jetstream.setup import apply_consumer, lane_consumer_definitions
 from observability.metrics import Metrics
 from observability.tracing import extract_context, get_tracer
 from schemas.pipeline import Result, ResultMessage, Segment, decode_segment, encode_result
@@ -113,6 +114,10 @@ class Worker:
             max_workers=settings.concurrency, thread_name_prefix="escapement-engine"
         )
         self.dead = DeadLetters(self.js)
+        lane = settings.lane
+        self.lane = lane
+        self.consumer = subjects.lane_consumer(subjects.CONSUMER_WORKERS, lane)
+        self.files_consumer = subjects.lane_consumer(subjects.CONSUMER_FILES, lane)
         self.sweep = Sweep(
             self.js,
             self.dead,
@@ -120,6 +125,7 @@ class Worker:
             expiry_margin_s=settings.sweep_expiry_margin_s,
             settle_s=settings.sweep_settle_s,
             max_scan=settings.sweep_max_scan,
+            consumers=(self.consumer, self.files_consumer),
         )
         self.ack_wait = DEFAULT_ACK_WAIT_S
         self.max_deliver = settings.max_deliver
@@ -212,7 +218,7 @@ class Worker:
         else:
             log.warning(
                 "consumer %s redelivers without end; giving up after %d attempts",
-                subjects.CONSUMER_WORKERS, self.max_deliver,
+                consumer.durable_name or consumer.name, self.max_deliver,
             )  # fmt: skip
         if self.settings.in_progress_every_s >= self.ack_wait - self.settings.lease_margin_s:
             log.warning(
@@ -233,9 +239,7 @@ class Worker:
         # Before the first pull: the advisory is sent when a worker pulls.
         advisories = await self._advisories()
         sweeping = self._start_sweep(stop)
-        psub = await self.js.pull_subscribe_bind(
-            subjects.CONSUMER_WORKERS, stream=subjects.STREAM_SEGMENTS
-        )
+        psub = await self.js.pull_subscribe_bind(self.consumer, stream=subjects.STREAM_SEGMENTS)
         looks = await self._interim_looks()
         files = await self._file_segments()
         self.ready.set()
@@ -294,8 +298,8 @@ class Worker:
                 subject, queue=subjects.DEAD_LETTER_QUEUE, cb=self.dead.on_max_deliveries
             )
             for subject in (
-                subjects.ADVISORY_MAX_DELIVERIES,
-                subjects.ADVISORY_MAX_DELIVERIES_FILES,
+                subjects.advisory_max_deliveries(self.consumer),
+                subjects.advisory_max_deliveries(self.files_consumer),
             )
         ]
 
@@ -375,7 +379,7 @@ class Worker:
             return None
         try:
             return await self.js.pull_subscribe_bind(
-                subjects.CONSUMER_FILES, stream=subjects.STREAM_SEGMENTS
+                self.files_consumer, stream=subjects.STREAM_SEGMENTS
             )
         except (NatsError, TimeoutError) as exc:  # an older deployment without it
             log.warning("no file segments (%r): live sessions only", exc)
@@ -419,16 +423,16 @@ class Worker:
         runs at idle CPU priority (services/worker/__main__.py): a finals worker on the
         same core always goes first."""
         engine = self.engine or await self.load()
+        if self.lane and await self._consumer(stop) is None:  # creates the lane's consumers
+            return
         looks = await self._interim_looks()
         files = await self._file_segments()
         if files is not None:  # its jobs' leases are the file consumer's
             try:
-                info = await self.js.consumer_info(
-                    subjects.STREAM_SEGMENTS, subjects.CONSUMER_FILES
-                )
+                info = await self.js.consumer_info(subjects.STREAM_SEGMENTS, self.files_consumer)
                 self.configure(info.config)
             except (NatsError, TimeoutError) as exc:
-                log.warning("cannot read consumer %s (%r)", subjects.CONSUMER_FILES, exc)
+                log.warning("cannot read consumer %s (%r)", self.files_consumer, exc)
         self.ready.set()
         log.info("worker ready (interim looks and file segments only, engine %s)", engine.name)
         stopping = asyncio.create_task(stop.wait())
@@ -457,6 +461,7 @@ class Worker:
             self._decode_look,
             self.settings.interim_max_age_s,
             self.settings.interim_poll_s,
+            subjects.lane_consumer(subjects.CONSUMER_INTERIMS, self.lane),
         )
         try:
             await looks.start()
@@ -483,27 +488,37 @@ class Worker:
         self.stats["lapsed"] += 1
 
     async def _consumer(self, stop: asyncio.Event) -> js_api.ConsumerInfo | None:
-        """The workers' consumer, once it exists (the edge or `escapement up` creates it)."""
+        """The workers' consumer, once it exists (the edge or `escapement up` creates the
+        default model's; a worker of another model creates its lane's itself)."""
         waiting = False
         while not stop.is_set():
             try:
-                return await self.js.consumer_info(
-                    subjects.STREAM_SEGMENTS, subjects.CONSUMER_WORKERS
-                )
+                if self.lane:
+                    await self._create_lane()
+                return await self.js.consumer_info(subjects.STREAM_SEGMENTS, self.consumer)
             except NotFoundError:
                 if not waiting:
                     log.warning(
                         "consumer %s on %s not found; waiting for it",
-                        subjects.CONSUMER_WORKERS, subjects.STREAM_SEGMENTS,
+                        self.consumer, subjects.STREAM_SEGMENTS,
                     )  # fmt: skip
                     waiting = True
             except (NatsError, TimeoutError) as exc:
-                log.warning(
-                    "cannot read consumer %s (%r); retrying", subjects.CONSUMER_WORKERS, exc
-                )
+                log.warning("cannot read consumer %s (%r); retrying", self.consumer, exc)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=1.0)
         return None
+
+    async def _create_lane(self) -> None:
+        """The consumers of this worker's model lane, if missing (an operator may have
+        made them; a NATS user without the right to waits for them)."""
+        for definition in lane_consumer_definitions(self.lane):
+            name = definition.config["durable_name"]
+            try:
+                await self.js.consumer_info(definition.stream, name)
+            except NotFoundError:
+                log.info("creating consumer %s for model %s", name, self.settings.model)
+                await apply_consumer(self.js, definition)
 
     async def _finish_jobs(self) -> None:
         """Shutting down: give in-flight jobs `shutdown_grace_s`, then cancel them (they nak)."""
@@ -794,6 +809,8 @@ class Worker:
         meta = {
             "model": (first.name if first.remote else first.text) if first else self.settings.model,
             "role": self.settings.role,
+            "serves": self.settings.model,  # the model whose sessions it takes (its lane)
+            "lane": self.lane,
         }
         if self._recent:  # audio seconds decoded per second of decoding, recently
             meta["decode_rate"] = f"{self.decode_rate():.3f}"

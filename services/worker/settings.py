@@ -4,10 +4,21 @@ from typing import Literal
 
 import msgspec
 
+from jetstream import subjects
+
 
 class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True):
+    @property
+    def lane(self) -> str:
+        """The lane this worker takes segments from ("": the default model's)."""
+        return "" if self.model == self.default_model else subjects.lane_of_model(self.model)
+
     nats_url: str = "nats://127.0.0.1:4222"
     model: str = "tiny.en"
+    # The deployment's default model (the edges' default_model too). A worker whose
+    # `model` is another one takes only the segments of sessions that ask for it by
+    # name (its model's lane, jetstream/subjects.py), never the default model's.
+    default_model: str = "tiny.en"
     device: str = "cpu"
     compute_type: str = "int8"
     cpu_threads: int = 0  # 0: let CTranslate2 decide

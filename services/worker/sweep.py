@@ -97,8 +97,10 @@ class Sweep:
         expiry_margin_s: float = 300.0,
         settle_s: float = 30.0,
         max_scan: int = 1000,
+        consumers: tuple[str, ...] = CONSUMERS,
     ) -> None:
         self.js = js
+        self.consumers = consumers  # the lane's: each worker sweeps its own model's
         self.dead = dead
         self.every_s = every_s
         self.expiry_margin_s = expiry_margin_s
@@ -134,7 +136,7 @@ class Sweep:
         found = {MAX_DELIVERIES: 0, EXPIRED: 0}
         if info.state.messages:
             found[EXPIRED] = await self._expiring(info)
-            for name in CONSUMERS:
+            for name in self.consumers:
                 found[MAX_DELIVERIES] += await self._exhausted(name, info.state.first_seq)
         else:
             self._candidates.clear()
