@@ -62,7 +62,8 @@ from loadtest.runner import ready_target
 from loadtest.target import SpawnedUp, SpawnError
 from loadtest.workload import http_session
 from services.cli import workers_option
-from services.runtime.up import UpSettings, usable_cores, worker_layout
+from services.common.host import usable_cores
+from services.runtime.up import UpSettings, worker_layout
 
 # the sweep admits every device: no fixed cap, no measured admission
 UNCAPPED = {"ESCAPEMENT_MAX_SESSIONS_PER_WORKER": "0", "ESCAPEMENT_SESSION_LOAD": "0"}

@@ -22,8 +22,8 @@ import pytest
 
 from services.cli.client import stream_audio
 from services.common.audio import write_wav
+from services.common.host import usable_cores
 from services.runtime.procs import Child, ProcError, free_port, spawn
-from services.runtime.up import usable_cores
 from tests.support import until_sync, wer
 
 pytestmark = pytest.mark.slow

@@ -30,6 +30,7 @@ from nats.errors import Error as NatsError
 from jetstream.setup import IncompatibleDefinition, JetStreamUnavailable, apply_all
 from observability import telemetry
 from services.common.config import SettingsError, from_env
+from services.common.host import usable_cores
 from services.common.natsconn import connect, redact
 from services.edge.app import LOOPBACK, EdgeConfigError, admission_key, create_app
 from services.edge.health import readiness
@@ -252,14 +253,6 @@ async def _run(
 WORKER_MEMORY_BYTES = 1 << 30
 
 
-def usable_cores() -> int:
-    """The cores this process may run on (its CPU affinity, else the machine's)."""
-    try:
-        return len(os.sched_getaffinity(0)) or 1
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 def worker_layout(settings: UpSettings) -> tuple[int, int]:
     """(worker processes, CPU threads each). "auto" is the measured best on a CPU: one
     single-threaded worker per core (loadtest/README.md "Capacity": on 2 cores, 2 x 1
@@ -302,6 +295,11 @@ def _worker_env(settings: UpSettings, nats_url: str, threads: int, role: str) ->
     env = {k: v for k, v in os.environ.items() if k not in ("NATS_USER", "NATS_PASSWORD")}
     if role == "looks" and env.get("ESCAPEMENT_METRICS_PORT", "0") != "0":
         env["ESCAPEMENT_METRICS_PORT"] = "0"  # a fixed port is the finals worker's; any free one
+    if threads == 1 and usable_cores() >= 2:
+        # one thread decodes, two encode (services/worker/engines.py _whisper_model), and
+        # OpenMP threads sleep rather than spin while the other worker's want the cores
+        env.setdefault("ESCAPEMENT_ENCODER_THREADS", "2")
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     return {
         **env,  # credentials travel in NATS_URL only: the worker's own
         "NATS_URL": nats_url,

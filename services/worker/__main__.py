@@ -57,6 +57,7 @@ async def _serve(settings: WorkerSettings) -> int:
             device=settings.device,
             compute_type=settings.compute_type,
             cpu_threads=settings.cpu_threads,
+            encoder_threads=settings.encoder_threads,
             beam_size=settings.beam_size,
             name=EngineSpec(settings.model).name,
         )

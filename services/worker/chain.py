@@ -636,6 +636,7 @@ def default_builder(settings: WorkerSettings) -> Builder:
             device=settings.device,
             compute_type=settings.compute_type,
             cpu_threads=settings.cpu_threads,
+            encoder_threads=settings.encoder_threads,
             beam_size=settings.beam_size,
             name=spec.name,
         )

@@ -22,6 +22,9 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True):
     device: str = "cpu"
     compute_type: str = "int8"
     cpu_threads: int = 0  # 0: let CTranslate2 decide
+    # threads of the encoder alone (a second replica of the model), when more than
+    # cpu_threads (services/worker/engines.py _whisper_model); 0: cpu_threads
+    encoder_threads: int = 0
     # 0: the measured choice for the model (services/worker/decoding.py DecodePolicy.for_model:
     # greedy with a beam-5 retry when a word is unsure for tiny.en, greedy for base)
     beam_size: int = 0
@@ -47,6 +50,10 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True):
     interims: bool = True
     interim_poll_s: float = 0.05  # how long a fetch of finals waits before a look is taken
     interim_max_age_s: float = 1.5  # a look older than this is stale: dropped unread
+    # role "looks": once other work has kept this share of the host's cores busy over
+    # the last 3 s, a look starts only while fewer than half the cores run anything else
+    # (Worker._host_busy has the measurement); 0: whenever a look waits
+    look_busy_share: float = 0.3
     log_level: str = "INFO"
     # The engine chain (services/worker/chain.py), tried in order, e.g.
     # "base,tiny.en,openai:http://asr.internal:8000/v1" or a JSON list; "": just `model`.
