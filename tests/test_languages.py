@@ -25,6 +25,7 @@ from schemas import device as ev
 from schemas.pipeline import Segment
 from services.common.discovery import last_seen
 from services.edge.app import nats_key
+from services.edge.queue_view import queue_view_key
 from services.runtime.natsserver import NatsServer
 from services.worker.engines import WhisperEngine
 from services.worker.models import resolve_model
@@ -187,6 +188,16 @@ async def test_workers_of_two_models_each_get_only_their_own_sessions(
                 _stream(http, f"{edge.url}/v1/stream?{query}&model=tiny.en", speech),
                 _stream(http, f"{edge.url}/v1/stream?{query}&model=base", speech),
             )
+            # the operator's queue view (metrics, dashboard) has base's lane beside the default
+            view = edge.app[queue_view_key]
+
+            def base_lane_done() -> bool:
+                lane = view.state.consumer("workers-base")
+                return (
+                    lane is not None and lane.stream == subjects.STREAM_SEGMENTS and lane.acked == 2
+                )
+
+            await until(base_lane_done, 10, "base's consumer, its 2 segments acked, in the view")
     finals = {
         name: [e for e in events if isinstance(e, ev.Final)]
         for name, events in (("plain", plain), ("named", named), ("base", by_base))

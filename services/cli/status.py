@@ -40,6 +40,7 @@ from nats.micro.service import ServiceVerb, control_subject
 from jetstream import subjects
 from schemas.pipeline import ErrorResult, Result, decode_result
 from services.common.config import nats_servers
+from services.common.discovery import lane_of
 from services.common.natsconn import redact
 from services.edge.queue_view import QueueState, read_queue
 
@@ -185,10 +186,10 @@ async def collect(nats_url: str, edge_url: str, window_s: float) -> Status:
         raise Unreachable(f"cannot reach NATS at {redact(nats_url)}: {exc}") from None
     try:
         edge_task = asyncio.create_task(_edge_view(edge_url))
-        queue = await read_queue(nc.jetstream(timeout=3))
         workers, edges = await asyncio.gather(
             _stats_of(nc, subjects.WORKER_SERVICE, 0.3), _stats_of(nc, subjects.EDGE_SERVICE, 0.3)
         )
+        queue = await read_queue(nc.jetstream(timeout=3), {lane_of(w) for w in workers})
         try:
             engines = await _recent_results(nc, window_s)
         except (NatsError, TimeoutError):

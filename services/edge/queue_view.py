@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 
 import msgspec
@@ -34,6 +34,7 @@ from nats.js.errors import NotFoundError
 from jetstream import subjects
 from observability.metrics import ATTR_CONSUMER, ATTR_STREAM, Readings, Recent, observe_queue
 from schemas.pipeline import ErrorResult, Result, decode_result
+from services.common.discovery import lane_of, last_seen
 from services.edge.admission import Admission
 
 log = logging.getLogger(__name__)
@@ -109,12 +110,20 @@ async def _consumer(js: JetStreamContext, stream: str, name: str) -> ConsumerSta
     )
 
 
-async def read_queue(js: JetStreamContext) -> QueueState:
-    """Every Escapement stream and workers' consumer, read at once; one that does
-    not exist is left out. Raises NatsError / TimeoutError when JetStream does
-    not answer (within `js`'s timeout)."""
+async def read_queue(js: JetStreamContext, lanes: Iterable[str] = ()) -> QueueState:
+    """Every Escapement stream and workers' consumer (those of the model `lanes` too,
+    jetstream/subjects.py), read at once; one that does not exist is left out. Raises
+    NatsError / TimeoutError when JetStream does not answer (within `js`'s timeout)."""
+    wanted = [
+        *CONSUMERS,
+        *(
+            (stream, subjects.lane_consumer(name, lane))
+            for lane in sorted(set(lanes) - {""})
+            for stream, name in CONSUMERS
+        ),
+    ]
     streams = await asyncio.gather(*(_stream(js, name) for name in STREAMS))
-    consumers = await asyncio.gather(*(_consumer(js, s, c) for s, c in CONSUMERS))
+    consumers = await asyncio.gather(*(_consumer(js, s, c) for s, c in wanted))
     return QueueState(
         streams={s.name: s for s in streams if s is not None},
         consumers={c.name: c for c in consumers if c is not None},
@@ -198,7 +207,8 @@ class QueueView:
                 await self._sub.unsubscribe()
 
     async def refresh(self) -> None:
-        self.state = await read_queue(self.nc.jetstream(timeout=max(1.0, self.every_s)))
+        lanes = {lane_of(r) for r in last_seen(self.nc, subjects.WORKER_SERVICE)}
+        self.state = await read_queue(self.nc.jetstream(timeout=max(1.0, self.every_s)), lanes)
 
     async def _loop(self) -> None:
         while True:

@@ -118,6 +118,8 @@ def permissions(role: str, user: str | None = None) -> dict[str, Any]:
                     f"{_API}.CONSUMER.DURABLE.CREATE.{s}.{c}",
                 )
             ),
+            # the queue view: the lanes' consumers too (jetstream/subjects.py)
+            *(f"{_API}.CONSUMER.INFO.{s}.*" for s in sorted({s for s, _ in consumers})),
             f"{_API}.STREAM.PURGE.{subjects.STREAM_INTERIMS}",  # Interrupt
             f"{_API}.STREAM.MSG.DELETE.{subjects.STREAM_SEGMENTS}",  # a void early final
             f"{_API}.STREAM.MSG.GET.{subjects.STREAM_TRANSCRIPTS}",  # resume, recovery
