@@ -160,7 +160,6 @@ def advisory_max_deliveries(consumer: str) -> str:
 
 
 ADVISORY_MAX_DELIVERIES = advisory_max_deliveries(CONSUMER_WORKERS)
-ADVISORY_MAX_DELIVERIES_FILES = advisory_max_deliveries(CONSUMER_FILES)
 # Queue group on that advisory: one worker handles each.
 DEAD_LETTER_QUEUE = "escapement-dead-letter"
 

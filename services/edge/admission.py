@@ -158,7 +158,6 @@ class Admission:
         self._queued: tuple[float, Mapping[str, float]] = (-math.inf, {})
         self.backlog = 0
         self.workers = 0
-        self.decode_rates: list[float | None] = []  # per live finals worker, None: not yet
         # by model lane ("": the default model's): live finals workers and their rates
         self.lane_workers: dict[str, int] = {}
         self.lane_rates: dict[str, list[float | None]] = {}
@@ -168,6 +167,11 @@ class Admission:
         self.updated = 0.0
         self._task: asyncio.Task[None] | None = None
         self._workers_task: asyncio.Task[None] | None = None
+
+    @property
+    def decode_rates(self) -> list[float | None]:
+        """Per live finals worker (every lane), its decode rate; None: not measured yet."""
+        return [rate for lane in self.lane_rates.values() for rate in lane]
 
     def active_sessions(self) -> int:
         return self.tenants.total()
@@ -251,7 +255,6 @@ class Admission:
         for reply in replies:
             rates.setdefault(lane_of(reply), []).append(decode_rate(reply))
         self.lane_rates = rates
-        self.decode_rates = [rate for lane in rates.values() for rate in lane]
         for lane in {*rates, *self.lane_workers}:
             answered, had = len(rates.get(lane, ())), self.lane_workers.get(lane, 0)
             seen_at = self._lane_seen_at.get(lane, 0.0)
