@@ -66,7 +66,8 @@ from schemas import device as ev
 from services.cli import workers_option
 from services.cli.client import Received, Refused, StreamRun, stream_audio
 
-GROUPS = ("real", "jfk", "espeak-noise", "probe", "snr")
+GROUPS = ("real", "jfk", "fluent", "espeak-noise", "probe", "snr")
+SPEECH_GROUPS = ("real", "jfk", "fluent", "espeak-noise")  # pooled as "all speech"
 # A Final ending this close before its last span's end still closes that utterance (the
 # VAD may take a faint tail for silence); one ending earlier is a piece of longer speech.
 END_TOLERANCE_MS = 300
@@ -110,10 +111,15 @@ class Sizes:
     probe_s: float
     snr_db: tuple[float, ...]
     snr_items: int
+    fluent: int
 
 
-FULL = Sizes(sessions=6, session_s=60, espeak_items=4, probe_s=120, snr_db=(20, 10, 5), snr_items=2)
-SMALL = Sizes(sessions=2, session_s=30, espeak_items=1, probe_s=20, snr_db=(10,), snr_items=1)
+FULL = Sizes(
+    sessions=6, session_s=60, espeak_items=4, probe_s=120, snr_db=(20, 10, 5), snr_items=2, fluent=3
+)
+SMALL = Sizes(
+    sessions=2, session_s=30, espeak_items=1, probe_s=20, snr_db=(10,), snr_items=1, fluent=0
+)
 
 
 def build_entries(
@@ -131,6 +137,11 @@ def build_entries(
             entries += [Entry(i, "real") for i in real]
         if "jfk" in groups:
             entries += [Entry(i, "jfk") for i in corpus.items if i.name == "jfk"]
+    if "fluent" in groups:
+        fluent = rs.fluent_corpus(
+            cache_dir, sample_rate, sessions=sizes.fluent, session_s=sizes.session_s
+        )
+        entries += [Entry(i, "fluent") for i in fluent.items]
     if "espeak-noise" in groups:
         noisy = rs.espeak_in_noise(cache_dir, sample_rate, items=sizes.espeak_items)
         entries += [Entry(i, "espeak-noise") for i in noisy.items]
@@ -421,7 +432,7 @@ def build_report(
     speech = rs.Counts(), rs.Counts()
     for key in pooled_s:
         s, o = pooled_s[key], pooled_o[key]
-        if key in ("real", "jfk", "espeak-noise"):
+        if key in SPEECH_GROUPS:
             speech = speech[0] + s, speech[1] + o
         pooled[key] = {
             "files": sum(1 for f in files if f["group"] == key),
@@ -432,11 +443,11 @@ def build_report(
         }
     if speech[0].ref_words:
         pooled["all speech"] = {
-            "files": sum(1 for f in files if f["group"] in ("real", "jfk", "espeak-noise")),
+            "files": sum(1 for f in files if f["group"] in SPEECH_GROUPS),
             "streamed": _counts_dict(speech[0]),
             "offline": _counts_dict(speech[1]),
             "delta_wer": _delta(speech[0].wer, speech[1].wer),
-            "ghost_words": sum(ghosts[k] for k in ("real", "jfk", "espeak-noise")),
+            "ghost_words": sum(ghosts[k] for k in SPEECH_GROUPS),
         }
     probe = [f for f in files if f["group"] == "probe"]
     return {

@@ -298,7 +298,7 @@ async def run(args: argparse.Namespace) -> int:
         return 2
     sizes = acc.Sizes(
         sessions=counts[-1], session_s=args.session_s, espeak_items=0, probe_s=0,
-        snr_db=(), snr_items=0,
+        snr_db=(), snr_items=0, fluent=0,
     )  # fmt: skip
     entries = await asyncio.to_thread(acc.build_entries, ["real"], sizes, args.cache_dir)
     token = args.token or os.environ.get("ESCAPEMENT_TOKEN") or None

@@ -62,6 +62,9 @@ MIN_PROMPT_WORDS = 2
 MIN_PROMPT_S, MAX_PROMPT_S = 0.8, 20.0
 
 GAP_S = (0.7, 2.5)  # room noise between prompts
+# Fluent sessions: pauses of read speech, shorter than the edge's 500 ms endpoint, so
+# sentences run together into long utterances that the edge cuts at its maximum length.
+FLUENT_GAP_S = (0.15, 0.45)
 LEAD_S, TAIL_S = 0.8, 1.5  # room noise before the first and after the last prompt
 ROOM_DBFS = (-50.0, -40.0)  # RMS of the room noise, drawn per item
 HUM_BELOW_ROOM_DB = 14.0  # the hum is this much quieter than the room noise
@@ -387,17 +390,21 @@ def real_session(
     sample_rate: int = 16000,
     session_s: float = 60.0,
     seed: int = 0,
+    kind: str = "real",
 ) -> Item:
-    """Session `index`: prompts drawn (without repeats) until about `session_s` of audio."""
+    """Session `index`: prompts drawn (without repeats) until about `session_s` of audio,
+    `GAP_S` apart ("real") or `FLUENT_GAP_S` ("fluent", other draws of prompts)."""
+    gap_s = FLUENT_GAP_S if kind == "fluent" else GAP_S
+    extra = {"gaps": gap_s} if kind != "real" else {}
     key = _cache_key(
-        "real", index=index, rate=sample_rate, session_s=session_s, seed=seed,
-        prompts=[p.name for p in prompts],
+        kind, index=index, rate=sample_rate, session_s=session_s, seed=seed,
+        prompts=[p.name for p in prompts], **extra,
     )  # fmt: skip
-    folder = cache_dir / "real"
+    folder = cache_dir / kind
     if (hit := _cached(folder, key)) is not None:
         return hit
-    pick = random.Random(f"real|{seed}|{index}")
-    rng = np.random.default_rng([seed, index, 1])
+    pick = random.Random(f"{kind}|{seed}|{index}")
+    rng = np.random.default_rng([seed, index, 1 if kind == "real" else 3])
     order = list(prompts)
     pick.shuffle(order)
     room_dbfs = float(rng.uniform(*ROOM_DBFS))
@@ -409,10 +416,10 @@ def real_session(
         clip = trim_voiced(load_resampled(prompt.path, sample_rate), sample_rate)
         if len(clip) == 0:
             continue
-        gap = pick.uniform(*GAP_S) if clips else 0.0
+        gap = pick.uniform(*gap_s) if clips else 0.0
         length = len(clip) / sample_rate + gap
         if clips and total + length > session_s:
-            if session_s - total < MIN_PROMPT_S + GAP_S[0]:
+            if session_s - total < MIN_PROMPT_S + gap_s[0]:
                 break
             continue  # too long for what is left: try a shorter one
         chosen.append(prompt)
@@ -422,7 +429,7 @@ def real_session(
         total += length
     audio, spans = _lay_out(clips, sample_rate, rng, room_dbfs, gaps)
     item = Item(
-        f"real-{index}",
+        f"{kind}-{index}",
         to_pcm(audio),
         sample_rate,
         " ".join(p.text for p in chosen),
@@ -459,6 +466,24 @@ def real_corpus(
     if jfk:
         items.append(jfk_item(sources, sample_rate))
     return Corpus(items, f"Asterisk prompts + JFK ({cache})")
+
+
+def fluent_corpus(
+    cache_dir: Path | None = None,
+    sample_rate: int = 16000,
+    sessions: int = 3,
+    session_s: float = 60.0,
+    seed: int = 0,
+) -> Corpus:
+    """`sessions` sessions of Asterisk prompts read on with the short pauses of fluent
+    speech (`FLUENT_GAP_S`): long utterances, cut by the edge at its maximum length."""
+    cache = _cache_root(cache_dir)
+    prompts = load_prompts(ensure_sources(cache))
+    items = [
+        real_session(prompts, i, cache, sample_rate, session_s, seed, kind="fluent")
+        for i in range(sessions)
+    ]
+    return Corpus(items, f"Asterisk prompts, fluent ({cache})")
 
 
 def espeak_in_noise(

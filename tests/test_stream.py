@@ -256,3 +256,19 @@ def test_interim_results_off(long_one) -> None:  # type: ignore[no-untyped-def]
     c = core(interims=False)
     out = feed(c, long_one.pcm)
     assert not [o for o in out if isinstance(o, Segment) and not o.final]
+
+
+def test_looks_after_a_cut_are_timed_from_the_cut(long_one) -> None:  # type: ignore[no-untyped-def]
+    cfg = VadConfig(announce_pauses=True, max_utterance_ms=3000)
+    c = StreamCore("s1", "e1", "acme", StreamParams(), StreamConfig(vad=cfg))
+    out = feed(c, long_one.pcm)
+    pieces = finals_to_publish(out)
+    assert len(pieces) >= 2  # cut at 3 s
+    looks = [o for o in out if isinstance(o, Segment) and not o.final]
+    for piece in pieces[1:]:
+        mine = [o.end_ms for o in looks if o.segment == piece.segment]
+        assert mine, f"no look at piece {piece.segment}"
+        # the first look after 400 ms of the piece, then one a second: no burst of looks
+        # at a piece that has barely begun
+        assert mine[0] - piece.start_ms >= 400
+        assert all(b - a >= 900 for a, b in zip(mine, mine[1:], strict=False))

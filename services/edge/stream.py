@@ -144,6 +144,7 @@ class _Interims:
     """LocalAgreement-2 over the interim looks at the utterance in progress."""
 
     number: int
+    since_ms: int  # where the utterance (or the piece after a cut) began, segmenter time
     looks: int = 0  # interim segments published for this utterance
     shown: int = -1  # newest look whose result reached the device
     previous: list[Word] = field(default_factory=list)
@@ -362,7 +363,9 @@ class StreamCore:
         offset = self.offset_ms
         if isinstance(event, SpeechStart):
             self._onset_ms = event.t_ms
-            self._interims = _Interims(self.next_segment) if self.config.interims else None
+            self._interims = (
+                _Interims(self.next_segment, event.t_ms) if self.config.interims else None
+            )
             out.append(ev.SpeechStarted(t_ms=offset + event.t_ms))
         elif isinstance(event, Pause):
             if self.config.early_finals:
@@ -387,7 +390,8 @@ class StreamCore:
                 self._void_candidate(out)
                 self._confirm(self._hold(event, now), now, out)
             if event.cut and self.config.interims:
-                self._interims = _Interims(self.next_segment)  # the speech goes on
+                # the speech goes on: the next piece's looks are timed from the cut
+                self._interims = _Interims(self.next_segment, event.end_ms)
             else:
                 self._interims = None
                 self._onset_ms = None
@@ -471,9 +475,9 @@ class StreamCore:
 
     def _maybe_interim(self, out: list[Output]) -> None:
         state = self._interims
-        if state is None or self._onset_ms is None or self._candidate is not None:
+        if state is None or self._candidate is not None:
             return
-        spoken = self.segmenter.position_ms - self._onset_ms
+        spoken = self.segmenter.position_ms - state.since_ms
         due = self.config.interim_first_ms + state.looks * self.config.interim_every_ms
         if spoken < due:
             return
