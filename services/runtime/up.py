@@ -215,12 +215,13 @@ async def _run(
         count, threads, lookers,
     )  # fmt: skip
     role = "finals" if lookers else "all"
+    board = await asyncio.to_thread(_fresh_board, data_dir / "decode-board")
     workers = [
-        WorkerProcess(_worker_env(settings, worker_url, threads, role), name=f"worker {i}")
+        WorkerProcess(_worker_env(settings, worker_url, threads, role, board), name=f"worker {i}")
         for i in range(count)
     ]
     processes = workers + [
-        WorkerProcess(_worker_env(settings, worker_url, threads, "looks"), name=f"looks {i}")
+        WorkerProcess(_worker_env(settings, worker_url, threads, "looks", board), name=f"looks {i}")
         for i in range(lookers)
     ]
     stack.push_async_callback(_stop_workers, processes, 25.0)
@@ -291,7 +292,18 @@ def _workers_settings() -> WorkerSettings:
         raise UpError(f"worker settings: {exc}") from None
 
 
-def _worker_env(settings: UpSettings, nats_url: str, threads: int, role: str) -> dict[str, str]:
+def _fresh_board(folder: Path) -> Path:
+    """The workers' decode board (services/common/board.py), emptied of an earlier run's
+    marks: a pid reused since would read as a worker decoding."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for mark in folder.iterdir():
+        mark.unlink(missing_ok=True)
+    return folder
+
+
+def _worker_env(
+    settings: UpSettings, nats_url: str, threads: int, role: str, board: Path | None = None
+) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("NATS_USER", "NATS_PASSWORD")}
     if role == "looks" and env.get("ESCAPEMENT_METRICS_PORT", "0") != "0":
         env["ESCAPEMENT_METRICS_PORT"] = "0"  # a fixed port is the finals worker's; any free one
@@ -300,6 +312,8 @@ def _worker_env(settings: UpSettings, nats_url: str, threads: int, role: str) ->
         # OpenMP threads sleep rather than spin while the other worker's want the cores
         env.setdefault("ESCAPEMENT_ENCODER_THREADS", "2")
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        if board is not None:  # ... and one only while another worker's final holds a core
+            env.setdefault("ESCAPEMENT_DECODE_BOARD", str(board))
     return {
         **env,  # credentials travel in NATS_URL only: the worker's own
         "NATS_URL": nats_url,

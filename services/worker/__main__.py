@@ -17,6 +17,7 @@ from nats.errors import Error as NatsError
 
 from jetstream.setup import IncompatibleDefinition, JetStreamUnavailable, apply_all
 from observability import telemetry
+from services.common.board import board_at
 from services.common.config import SettingsError, from_env
 from services.common.metrics_http import MetricsEndpoint, serve_metrics
 from services.common.natsconn import connect
@@ -58,6 +59,7 @@ async def _serve(settings: WorkerSettings) -> int:
             compute_type=settings.compute_type,
             cpu_threads=settings.cpu_threads,
             encoder_threads=settings.encoder_threads,
+            board=board_at(settings.decode_board),
             beam_size=settings.beam_size,
             name=EngineSpec(settings.model).name,
         )

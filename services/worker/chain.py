@@ -44,6 +44,7 @@ from urllib.parse import urlsplit
 
 from observability.metrics import Metrics
 from schemas.pipeline import Segment
+from services.common.board import board_at
 from services.worker.engines import (
     Engine,
     EngineError,
@@ -637,6 +638,7 @@ def default_builder(settings: WorkerSettings) -> Builder:
             compute_type=settings.compute_type,
             cpu_threads=settings.cpu_threads,
             encoder_threads=settings.encoder_threads,
+            board=board_at(settings.decode_board),
             beam_size=settings.beam_size,
             name=spec.name,
         )

@@ -18,6 +18,7 @@ import numpy as np
 
 from schemas.pipeline import Result, Segment, Word
 from services.common.audio import wav_bytes
+from services.common.board import DecodeBoard
 from services.worker.decoding import (
     Decoded,
     DecodePolicy,
@@ -101,7 +102,12 @@ def _whisper_model(
     on one thread and encodes on `encoder_threads`. Two such workers on 2 cores then
     take 399 ms per utterance when alone (498 with one thread for all) and 575 ms when
     both decode at once (545), with OpenMP's passive wait (OMP_WAIT_POLICY=PASSIVE,
-    which `escapement up` sets): spinning threads made that 523-623."""
+    which `escapement up` sets): spinning threads made that 523-623. With a decode board
+    (services/common/board.py) the encoder takes one thread while another worker's final
+    holds a core, so that two finals at once do not fight over both cores; alone it
+    still takes two. At 10 sessions that took finals' p95 from 1,834 / 2,086 / 2,549 ms to 1,693 /
+    1,804 / 1,957 (interleaved runs). One thread or two, the encoder's output is the
+    same to the bit (int8 GEMMs), so the same audio still gives the same finals."""
     from faster_whisper import WhisperModel
 
     wide = None
@@ -113,8 +119,10 @@ def _whisper_model(
         )
 
     class Model(WhisperModel):
+        board: DecodeBoard | None = None
+
         def encode(self, features):  # type: ignore[no-untyped-def]
-            if wide is None:
+            if wide is None or (self.board is not None and self.board.others_decoding()):
                 return super().encode(features)
             from faster_whisper.transcribe import get_ctranslate2_storage
 
@@ -144,10 +152,13 @@ class WhisperEngine:
         name: str | None = None,
         policy: DecodePolicy | None = None,
         encoder_threads: int = 0,
+        board: DecodeBoard | None = None,
     ) -> None:
         self.name = name or f"faster-whisper:{model_path.name}"
         started = time.perf_counter()
         self.model = _whisper_model(model_path, device, compute_type, cpu_threads, encoder_threads)
+        self.board = board if device == "cpu" else None
+        self.model.board = self.board
         self.multilingual = self.model.model.is_multilingual
         self.languages: tuple[str, ...] = tuple(self.model.supported_languages)
         # beam_size 0: the measured choice for this kind of model (DecodePolicy.for_model)
@@ -171,7 +182,13 @@ class WhisperEngine:
         session timeline, only those inside the segment."""
         started = time.perf_counter()
         request, origin_ms = self._request(segment)
-        decoded = decode(self.model, request, self.policy if segment.final else self.look_policy)
+        if segment.final and self.board is not None:
+            with self.board.decoding():
+                decoded = decode(self.model, request, self.policy)
+        else:
+            decoded = decode(
+                self.model, request, self.policy if segment.final else self.look_policy
+            )
         return self._transcription(segment, request, decoded, origin_ms, started)
 
     def transcribe_batch(self, segments: list[Segment]) -> list[Transcription | EngineError]:

@@ -25,6 +25,10 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True):
     # threads of the encoder alone (a second replica of the model), when more than
     # cpu_threads (services/worker/engines.py _whisper_model); 0: cpu_threads
     encoder_threads: int = 0
+    # a folder the workers of one host share (services/common/board.py): each says there
+    # when it decodes a final, and an encoder takes its encoder_threads only while no
+    # other worker's final holds a core, one thread otherwise; "": always encoder_threads
+    decode_board: str = ""
     # 0: the measured choice for the model (services/worker/decoding.py DecodePolicy.for_model:
     # greedy with a beam-5 retry when a word is unsure for tiny.en, greedy for base)
     beam_size: int = 0
