@@ -240,3 +240,30 @@ def test_a_long_context_before_a_short_segment(model, jfk, look) -> None:  # typ
     )
     out = decode(model, req, policy)  # before: the process died here
     assert all(w.start_s >= seg_start - 0.3 for w in out.words), out.words  # new words only
+
+
+def test_a_look_at_noise_the_vad_took_for_speech_shows_no_words(model) -> None:  # type: ignore[no-untyped-def]
+    """The benchmark's probe (nobody speaking) cut as the edge cuts it, each stretch the
+    VAD took for speech looked at as an interim look does, 700 ms in. Looks have no word
+    timing to gate word by word; without Silero's verdict on the whole look, one of
+    these said "Okay." and, live, another "Thank you."."""
+    from loadtest import realspeech as rs
+    from loadtest.corpus import default_cache_dir
+    from services.edge.vad import Segmenter, Utterance
+
+    item = rs.noise_probe(default_cache_dir(), SAMPLE_RATE, 120.0)
+    audio = rs.to_float(item.pcm).astype(np.float32)
+    segmenter = Segmenter(SAMPLE_RATE)
+    cuts = [e for e in segmenter.feed(item.pcm) + segmenter.flush() if isinstance(e, Utterance)]
+    assert len(cuts) >= 10  # the VAD does take the probe's noises for speech
+    look = DecodePolicy(
+        beam_size=1, retry_beam_size=0, word_timestamps=False, context_in_prompt=True
+    )
+    said = {}
+    for cut in cuts:
+        start = cut.start_ms * SAMPLE_RATE // 1000
+        window = audio[start : start + SAMPLE_RATE * 7 // 10 + 4800]  # 700 ms + pre-roll
+        text = decode(model, DecodeRequest(audio=window, final=False), look).text
+        if rs.normalise(text):
+            said[cut.start_ms] = text
+    assert said == {}

@@ -68,6 +68,7 @@ from services.worker.decoding import (
     _finish,
     _generate,
     _generate_many,
+    _heard,
     _initial,
     _max_length,
     _new_words,
@@ -185,7 +186,7 @@ def _decode_many(model, requests: list[DecodeRequest], policy: DecodePolicy) -> 
             i.seg_start, i.duration,
         )  # fmt: skip
         if done is not None:
-            out[k] = done
+            out[k] = _heard(done, i.audio, i.seg_start, policy)
         else:
             pending[k] = stats
     _align(model, encoder, [items[k] for k in pending if items[k].words is None], policy)

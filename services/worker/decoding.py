@@ -394,6 +394,20 @@ def _verdict(
     return None, stats
 
 
+def _heard(decoded: Decoded, audio: np.ndarray, seg_start: float, policy: DecodePolicy) -> Decoded:
+    """Without word timing (an interim look) there are no words to gate one by one, so
+    Silero judges the new audio as a whole: where it hears no speech, the look shows
+    nothing. Else a look at a noise the edge's VAD took for speech showed the words
+    ("Thank you.") that the word gates then drop from its final."""
+    if policy.word_timestamps or not policy.silero or not decoded.words:
+        return decoded
+    if silero_spans(audio[int(seg_start * SAMPLE_RATE) :]):
+        return decoded
+    return dataclasses.replace(
+        decoded, words=[], text="", dropped=len(decoded.words), skipped="not_speech"
+    )
+
+
 def _finish(
     words: list[DecodedWord],
     audio: np.ndarray,
@@ -426,7 +440,7 @@ def decode(model, request: DecodeRequest, policy: DecodePolicy | None = None) ->
     except _LanguageChanged as changed:  # the context's text is in the old language
         request = dataclasses.replace(request, context_text="", language=changed.language)
         return _alone(model, request, policy, request.segment_start_s)
-    if decoded.words or decoded.skipped in ("no_speech", "repetitive"):
+    if decoded.words or decoded.skipped in ("no_speech", "repetitive", "not_speech"):
         return decoded
     if not request.context_text or request.segment_start_s <= 0:
         return decoded
@@ -554,7 +568,7 @@ def _decode(model, request: DecodeRequest, policy: DecodePolicy) -> Decoded:  # 
         policy, result, tokens, avg_lp, text, beam, language, tokenizer, seg_start, duration
     )
     if done is not None:
-        return done
+        return _heard(done, audio, seg_start, policy)
     if words is None:
         words = align(tokens)
     return _finish(words, audio, voiced, policy, seg_start, stats)
