@@ -267,3 +267,26 @@ def test_a_look_at_noise_the_vad_took_for_speech_shows_no_words(model) -> None: 
         if rs.normalise(text):
             said[cut.start_ms] = text
     assert said == {}
+
+
+def test_the_encoder_says_the_same_on_one_thread_or_two(jfk) -> None:  # type: ignore[no-untyped-def]
+    """Workers pick the encoder's threads by what the other workers do (the decode board),
+    so the same audio gives the same finals only while the thread count changes nothing."""
+    import ctranslate2
+    from faster_whisper.feature_extractor import FeatureExtractor
+    from faster_whisper.transcribe import pad_or_trim
+
+    path = str(resolve_model("tiny.en"))
+    window = np.concatenate([jfk, _room(4.0), jfk]).astype(np.float32)
+    features = ctranslate2.StorageView.from_array(
+        np.ascontiguousarray(pad_or_trim(FeatureExtractor()(window))[None])
+    )
+    outputs = [
+        np.array(
+            ctranslate2.models.Whisper(
+                path, device="cpu", compute_type="int8", intra_threads=threads
+            ).encode(features)
+        )
+        for threads in (1, 2)
+    ]
+    assert np.array_equal(outputs[0], outputs[1])

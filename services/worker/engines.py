@@ -105,9 +105,10 @@ def _whisper_model(
     which `escapement up` sets): spinning threads made that 523-623. With a decode board
     (services/common/board.py) the encoder takes one thread while another worker's final
     holds a core, so that two finals at once do not fight over both cores; alone it
-    still takes two. At 10 sessions that took finals' p95 from 1,834 / 2,086 / 2,549 ms to 1,693 /
-    1,804 / 1,957 (interleaved runs). One thread or two, the encoder's output is the
-    same to the bit (int8 GEMMs), so the same audio still gives the same finals."""
+    still takes two. At 10 sessions that took finals' p95 from 1,834 / 2,086 / 2,549 ms
+    to 1,693 / 1,804 / 1,957 (interleaved runs). One thread or two, the encoder's output
+    is the same to the bit (14 of 14 windows of real speech compared), so the same audio
+    still gives the same finals."""
     from faster_whisper import WhisperModel
 
     wide = None
