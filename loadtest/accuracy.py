@@ -118,7 +118,7 @@ FULL = Sizes(
     sessions=6, session_s=60, espeak_items=4, probe_s=120, snr_db=(20, 10, 5), snr_items=2, fluent=3
 )
 SMALL = Sizes(
-    sessions=2, session_s=30, espeak_items=1, probe_s=20, snr_db=(10,), snr_items=1, fluent=0
+    sessions=2, session_s=30, espeak_items=1, probe_s=20, snr_db=(10,), snr_items=1, fluent=1
 )
 
 
@@ -137,7 +137,7 @@ def build_entries(
             entries += [Entry(i, "real") for i in real]
         if "jfk" in groups:
             entries += [Entry(i, "jfk") for i in corpus.items if i.name == "jfk"]
-    if "fluent" in groups:
+    if "fluent" in groups and sizes.fluent > 0:
         fluent = rs.fluent_corpus(
             cache_dir, sample_rate, sessions=sizes.fluent, session_s=sizes.session_s
         )

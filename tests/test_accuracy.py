@@ -25,6 +25,9 @@ OFFLINE_REAL_WER_MAX = 0.25  # the model decoding whole files offline, real sess
 # small (about 100 words), so one word is a point: these gates leave room for two.
 STREAMED_REAL_WER_MAX: float | None = 0.10
 STREAMED_MINUS_OFFLINE_WER_MAX: float | None = 0.03  # the streaming penalty, real sessions
+# The same for the fluent session (sentences run together, cut at the maximum length):
+# about 70 words, so two words are three points.
+FLUENT_MINUS_OFFLINE_WER_MAX: float | None = 0.045
 PROBE_WORDS_MAX: int | None = 0  # words streamed while nobody spoke (after normalising)
 SNR_INSERTIONS_PER_100_MAX: float | None = 3.0  # streamed, at 10 dB (one word on the small mix)
 SNR_TOLERANCE_DB = 1.0  # a mix's measured SNR against the one asked for
@@ -121,7 +124,7 @@ def test_small_benchmark_against_a_real_pipeline(
     for key, title, _, _ in accuracy.COLUMNS:
         assert all(key in row for row in report["files"]), key
         assert title in header, title
-    for key in ("real", "jfk", "espeak-noise", "snr-10dB", "all speech"):
+    for key in ("real", "jfk", "fluent", "espeak-noise", "snr-10dB", "all speech"):
         pooled = report["pooled"][key]
         for side in ("streamed", "offline"):
             assert set(pooled[side]) >= {"wer", "sub", "del", "ins", "ref_words", "ins_per_100"}
@@ -139,6 +142,9 @@ def test_small_benchmark_against_a_real_pipeline(
         assert real["streamed"]["wer"] < STREAMED_REAL_WER_MAX, real
     if STREAMED_MINUS_OFFLINE_WER_MAX is not None:
         assert real["delta_wer"] < STREAMED_MINUS_OFFLINE_WER_MAX, real
+    if FLUENT_MINUS_OFFLINE_WER_MAX is not None:
+        fluent = report["pooled"]["fluent"]
+        assert fluent["delta_wer"] < FLUENT_MINUS_OFFLINE_WER_MAX, fluent
     if PROBE_WORDS_MAX is not None:
         assert report["probe"]["streamed_words"] <= PROBE_WORDS_MAX, report["probe"]
     if SNR_INSERTIONS_PER_100_MAX is not None:
