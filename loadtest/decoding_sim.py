@@ -51,8 +51,13 @@ jobs on the box (+-30 %); "-" = not run on that group.
 | tiny.en | PAD120R, 120 ms pad, the retry reading the context as previous text | 3.6 | 16/1/4 | +1.2/+1.2 | - | 0 | - | 0.182 | 521/679 |
 | tiny.en | W1, the encoder window cut to the audio + 1 s (not 30 s) | 31.4 | 37/48/100 | +29.0 | - | 0 | - | 0.175 | 560/1492 |
 | tiny.en | W3, the same, audio + 3 s | 12.0 | 21/4/46 | +9.7 | - | 0 | - | 0.202 | 577/1422 |
+| tiny.en | DEF again (2026-12-01 evening, loaded box) | 3.1 | 13/2/3 | - | 4.9 | 0 | 1.0/0.0 | 0.138 | 638/1168 |
+| **tiny.en** | **NS4: DEF + no speech when the model says so and every kept word has p < 0.4 (default since)** | **3.1** | **13/2/3** | **-** | **4.9** | **0 (raw: the two "Mmm" finals gone)** | **1.0/0.0** | **0.141** | **596/1137** |
+| tiny.en | NS5, the same below 0.5 | 3.1 | 13/2/3 | - | 4.9 | 0 | 1.0/0.0 | 0.149 | 645/1302 |
 | base | GP context 8 s | 4.7 | 18/4/6 | +1.7/+2.0 | - | 0 | - | 0.249 | 1057/1736 |
 | **base** | **C25 (for_model(True))** | **2.9** | **13/3/1** | **-0.2/+0.2** | **5.7** | **0** | **0.5/2.0** | **0.319 real, 0.153 noise** | **1193/1527** |
+| base | C25 again (2026-12-01 evening) | 3.2 | 13/4/2 | - | 5.7 | 0 | 1.0/1.5 | 0.242 | 1025/2159 |
+| base | NS4B: C25 + the NS4 gate (default since) | 3.2 | 13/4/2 | - | 5.7 | 0 | 1.0/1.5 | 0.246 | 1120/1605 |
 | base | C25RW | 3.2 | 14/4/1 | +0.2/+0.5 | - | 0 | - | 0.419 | 1023/2508 |
 
 The trailing pad (silence kept after the last voiced frame) decides when the early
@@ -226,6 +231,21 @@ VARIANTS: dict[str, Variant] = {
         P(retry_beam_size=5, retry_word_probability=0.35),
         context_ms=25000,
         note="C25RW, retry when a word has p < 0.35",
+    ),
+    "NS4": Variant(
+        DecodePolicy.for_model(False, unsure_no_speech_probability=0.4),
+        context_ms=25000,
+        note="DEF, no speech when the model says so and every word has p < 0.4",
+    ),
+    "NS5": Variant(
+        DecodePolicy.for_model(False, unsure_no_speech_probability=0.5),
+        context_ms=25000,
+        note="DEF, the same below 0.5",
+    ),
+    "NS4B": Variant(
+        P0(unsure_no_speech_probability=0.4),
+        context_ms=25000,
+        note="C25 (base's default) with the NS4 gate",
     ),
     "DEF": Variant(
         DecodePolicy.for_model(False),

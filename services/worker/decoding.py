@@ -81,6 +81,13 @@ class DecodePolicy:
     no_speech_threshold: float = 0.6
     logprob_threshold: float = -1.0
     compression_ratio_threshold: float = 2.4
+    # And skip when the model says no speech (no_speech_threshold) and is unsure of
+    # every word it kept: each below this aligned probability. 0 disables it. Measured
+    # (loadtest/decoding_sim.py NS4, NS5): the noise probe's two "Mmm" finals (p 0.21
+    # and 0.27, no-speech 0.79 and 0.83, which Whisper's own gate keeps at avg
+    # log-prob -0.84 / -0.98) go; not a word of speech changes (tiny.en 13/2/3 on
+    # real+jfk, espeak and 10 / 5 dB the same, at 0.4 and at 0.5).
+    unsure_no_speech_probability: float = 0.4
     # Word-level gate against the edge VAD: a word widened by this margin (s)
     # on both sides must overlap the voiced spans. None disables it.
     voiced_margin_s: float | None = 0.1
@@ -418,6 +425,14 @@ def _finish(
 ) -> Decoded:  # type: ignore[no-untyped-def]
     """The word gates, then the result."""
     words, dropped = _gate(words, audio, voiced, policy, seg_start)
+    unsure = policy.unsure_no_speech_probability
+    if (
+        words
+        and unsure > 0
+        and stats["no_speech_prob"] > policy.no_speech_threshold
+        and all(w.probability < unsure for w in words)
+    ):
+        return Decoded(skipped="no_speech", dropped=dropped + len(words), **stats)  # type: ignore[arg-type]
     text = "".join(w.word for w in words).strip()
     return Decoded(words=words, text=text, dropped=dropped, **stats)  # type: ignore[arg-type]
 
