@@ -297,7 +297,8 @@ def _fresh_board(folder: Path) -> Path:
     marks: a pid reused since would read as a worker decoding."""
     folder.mkdir(parents=True, exist_ok=True)
     for mark in folder.iterdir():
-        mark.unlink(missing_ok=True)
+        if mark.is_file():
+            mark.unlink(missing_ok=True)
     return folder
 
 

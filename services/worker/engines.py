@@ -6,6 +6,7 @@ Each engine raises `EngineError` subclasses that decide the ack: a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import logging
@@ -183,10 +184,8 @@ class WhisperEngine:
         session timeline, only those inside the segment."""
         started = time.perf_counter()
         request, origin_ms = self._request(segment)
-        if segment.final and self.board is not None:
-            with self.board.decoding():
-                decoded = decode(self.model, request, self.policy)
-        else:
+        board = self.board if segment.final else None  # the board tells finals only
+        with board.decoding() if board is not None else contextlib.nullcontext():
             decoded = decode(
                 self.model, request, self.policy if segment.final else self.look_policy
             )
