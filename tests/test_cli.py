@@ -259,7 +259,8 @@ def test_up_says_so_when_a_worker_dies_before_it_is_ready(tmp_path: Path) -> Non
     finally:
         child.kill(group=True)
     output = child.log()
-    assert "worker 0 exited with 2 before it was ready" in output, output
+    # whichever of the workers fails first is named
+    assert re.search(r"worker \d+ exited with 2 before it was ready", output), output
     assert "no-such-model" in output and "Escapement is up" not in output
     assert "Traceback" not in output
 
