@@ -104,7 +104,8 @@ async def test_exhausted_segment_is_dead_lettered_with_every_advisory_lost(
 ) -> None:  # type: ignore[no-untyped-def]
     """Every delivery of a segment goes unanswered and the MAX_DELIVERIES advisory is
     never heard: the sweep still dead-letters it, and the device gets its Error within
-    one sweep of the last delivery running out.
+    one sweep of the last delivery running out and the segment staying stuck for
+    `sweep_settle_s`.
 
     Fault injection, both labelled: the advisory subscription is dropped
     (`max_deliveries_advisory=False`), and the worker treats each lease as lapsed on
@@ -113,7 +114,7 @@ async def test_exhausted_segment_is_dead_lettered_with_every_advisory_lost(
     js = nc.jetstream()
     await set_ack_wait(js, ACK_WAIT_S)  # after the edge applied the definitions
     engine = AlwaysFailing()
-    sweep_every_s = 1.0
+    sweep_every_s, settle_s = 1.0, 2.0
     device = await Device.open(http, edge)
     async with run_worker(
         nats_server.url,
@@ -121,6 +122,7 @@ async def test_exhausted_segment_is_dead_lettered_with_every_advisory_lost(
         max_deliveries_advisory=False,  # fault drill: every advisory lost
         lease_margin_s=ACK_WAIT_S + 1.0,  # fault: never answers a delivery
         sweep_every_s=sweep_every_s,
+        sweep_settle_s=settle_s,
     ) as worker:
         await device.say(make_test_speech(["please turn on the lights in the kitchen"]).pcm)
         error = await until(
@@ -132,7 +134,7 @@ async def test_exhausted_segment_is_dead_lettered_with_every_advisory_lost(
         ran_out = engine.calls[-1] + ACK_WAIT_S  # the last delivery's lease ended
         print(f"\nError {told - ran_out:.2f} s after the last delivery ran out")
         assert (error.code, error.segment) == ("max_deliveries", 0), error
-        assert told - ran_out <= sweep_every_s + 1.5
+        assert told - ran_out <= settle_s + sweep_every_s + 1.5
         await until(lambda: worker.sweep.stats.exhausted == 1, within=3, message="sweep done")
         assert worker.dead.buried == 1
     [letter] = [d.letter for d in await read_all(js)]
@@ -339,3 +341,59 @@ async def test_sweep_leaves_a_segment_being_decoded_alone(nc: NATS) -> None:
 
 async def _empty(js: JetStreamContext) -> bool:
     return await queued(js) == 0
+
+
+def _segment(number: int) -> Segment:
+    return Segment(
+        session_id="s1",
+        edge_id="e1",
+        segment=number,
+        start_ms=0,
+        end_ms=1000,
+        sample_rate=16000,
+        pcm=bytes(32000),
+    )
+
+
+async def _publish(js: JetStreamContext, number: int) -> None:
+    await js.publish(
+        subjects.segments_subject("e1", "s1"),
+        encode_segment(_segment(number)),
+        headers={subjects.Header.MSG_ID: subjects.segment_msg_id("s1", number)},
+    )
+
+
+class RacedSweep(Sweep):
+    """A sweep whose count of the queue comes right after a device's next segment arrived.
+
+    The fault injected: that publish lands between the sweep's read of the consumer and
+    its count of the queue, a window of a millisecond or two that a real burst of
+    publishes (the edges catching up after a NATS restart) hits by chance only."""
+
+    async def _count(self, filter_subject: str) -> int:
+        if not getattr(self, "raced", False):
+            self.raced = True
+            await _publish(self.js, 1)
+        return await super()._count(filter_subject)
+
+
+async def test_a_segment_published_mid_sweep_never_gets_the_one_being_decoded_buried(
+    nc: NATS,
+) -> None:
+    """A worker is decoding a device's segment when the device's next one is queued, just
+    as a sweep looks: nothing is exhausted, so nothing is dead-lettered, and the segment
+    being decoded is answered as usual."""
+    js = nc.jetstream()
+    psub = await js.pull_subscribe_bind(subjects.CONSUMER_WORKERS, stream=subjects.STREAM_SEGMENTS)
+    await _publish(js, 0)
+    [decoding] = await psub.fetch(1, timeout=2)
+    sweep = RacedSweep(js, DeadLetters(js), settle_s=60.0)
+    assert await sweep.sweep_once() == {"max_deliveries": 0, "expired": 0}
+    assert sweep.raced
+    assert await read_all(js) == []
+    await decoding.ack()
+    [after] = await psub.fetch(1, timeout=2)  # the segment published mid-sweep, still queued
+    assert after.metadata.sequence.stream == 2
+    await after.ack()
+    await until(lambda: _empty(js), within=5, message="queue empty")
+    await psub.unsubscribe()

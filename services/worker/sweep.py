@@ -28,15 +28,20 @@ message from the ack-pending set once it has used up `max_deliver`. So
 
     exhausted = messages on the consumer's subjects - num_pending - num_ack_pending
 
-and only when that is above zero are messages read. Among those delivered
-(stream sequence up to `delivered.stream_seq`), one at or below the ack floor
-is certainly exhausted (everything up to the floor was answered or given up).
-Above the floor the server does not say which are still awaiting an answer;
-when all of them are exhausted by the count, all are buried; otherwise the
-oldest (the count of them) are, once they have been candidates for
-`sweep_settle_s` (a segment exhausted early sits below ones delivered after
-it). The cost while nothing is stuck: one stream info and, per consumer, one
-consumer info and one filtered stream info per sweep; no message is read.
+and only when that is above zero are messages read. The count and the
+consumer's figures come from separate requests: a segment published between
+them is counted and not yet pending, one acked between them is counted and no
+longer pending. So the consumer is read before the count and after it, and
+the larger figure is taken. Among those delivered (stream sequence up to
+`delivered.stream_seq`), one at or below the ack floor is certainly exhausted
+(everything up to the floor was answered or given up). Above the floor the
+server does not say which are still awaiting an answer (an exhausted segment
+stays above it), so the oldest (the count of them) are buried once they have
+been candidates for `sweep_settle_s`, sweep after sweep: a count thrown by
+publishes and acks around it never lasts that long, and a segment exhausted
+early sits below ones delivered after it. The cost while nothing is stuck: one stream info and, per
+consumer, two consumer infos and one filtered stream info per sweep; no
+message is read.
 
 Finding expiring segments: the oldest message's timestamp (read once per
 first sequence), then messages in order while older than `max_age` minus
@@ -75,6 +80,11 @@ class SweepStats:
     expired: int = 0  # dead-lettered before max_age
     failures: int = 0  # sweeps that NATS cut short
     last: dict[str, int] = field(default_factory=dict)  # what the last sweep found
+
+
+def _held(ci: js_api.ConsumerInfo) -> int:
+    """Messages a consumer still holds: not delivered yet, or awaiting their answer."""
+    return (ci.num_pending or 0) + (ci.num_ack_pending or 0)
 
 
 def stamp(when: datetime | None) -> float | None:
@@ -155,7 +165,17 @@ class Sweep:
             return 0  # an older deployment without it
         filter_subject = ci.config.filter_subject or ">"
         queued = await self._count(filter_subject)
-        stuck = queued - (ci.num_pending or 0) - (ci.num_ack_pending or 0)
+        # The count and the consumer's figures cannot be read at one instant. A segment
+        # published in between is counted but not yet pending, one acked in between is
+        # counted but no longer pending: a figure read before the count and one read
+        # after bracket both, and the larger one counts no live segment as stuck.
+        try:
+            after = await self.js.consumer_info(subjects.STREAM_SEGMENTS, consumer)
+        except NotFoundError:
+            return 0
+        held = max(_held(ci), _held(after))
+        ci = after
+        stuck = queued - held
         delivered = ci.delivered.stream_seq if ci.delivered else 0
         if stuck <= 0 or not delivered:
             self._candidates.pop(consumer, None)
@@ -168,12 +188,12 @@ class Sweep:
         before = self._candidates.get(consumer, {})
         since = {m.seq or 0: before.get(m.seq or 0, now) for m in maybe}
         self._candidates[consumer] = since
+        # Above the floor, the oldest `left` of them, once they have stayed candidates a
+        # while: even a count that says all of them are exhausted may have been thrown by
+        # segments published and acked around it, and one of them may be being decoded.
         left = stuck - len(certain)
-        if left >= len(maybe):
-            chosen = certain + maybe  # by the count, none above the floor awaits an answer
-        else:  # the oldest `left` of them, once they have stayed candidates a while
-            oldest = maybe[: max(0, left)]
-            chosen = certain + [m for m in oldest if now - since[m.seq or 0] >= self.settle_s]
+        oldest = maybe[: max(0, left)]
+        chosen = certain + [m for m in oldest if now - since[m.seq or 0] >= self.settle_s]
         max_deliver = ci.config.max_deliver or 0
         buried = 0
         for m in chosen:
