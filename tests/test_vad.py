@@ -368,9 +368,39 @@ def script(pattern: str, rate: int = 16000) -> bytes:
 
 @pytest.mark.usefixtures("scripted")
 def test_start_needs_three_voiced_of_four_frames() -> None:
+    """Two voiced frames of three tell SpeechStart at once; the utterance starts on three
+    of four, and a SpeechStart it never follows is taken back, as a blip is (Discarded)."""
     seg = Segmenter(16000)
-    assert seg.feed(script("." * 20 + "v.v." * 10 + "." * 20)) == []
+    assert seg.feed(script("." * 20 + "v.v." * 10 + "." * 20)) == [
+        SpeechStart(t_ms=20 * 30),
+        Discarded(start_ms=20 * 30, end_ms=61 * 30),  # the first frame with one voiced of four
+    ]
     assert seg.feed(script("v.vv")) == [SpeechStart(t_ms=(20 + 40 + 20) * 30)]
+    assert seg.in_speech
+    assert seg.flush() and not seg.in_speech
+
+
+@pytest.mark.usefixtures("scripted")
+def test_speech_start_comes_a_frame_sooner_and_the_utterance_is_the_same() -> None:
+    """SpeechStart on the second voiced frame (not the third), once per utterance; the
+    utterance, its audio and its timing are the same as with SpeechStart at the start."""
+    pcm = script("." * 20 + "v.v" + "v" * 40 + "." * 30 + "vv" + "." * 10)
+    told = feed_timed(Segmenter(16000), pcm, nbytes(30, 16000))
+    late = feed_timed(Segmenter(16000, VadConfig(onset_voiced=0)), pcm, nbytes(30, 16000))
+    blip = 20 + 3 + 40 + 30  # the frame where "vv" begins
+    assert [(t, e) for t, e in told if isinstance(e, SpeechStart)] == [
+        (23 * 30, SpeechStart(t_ms=20 * 30)),  # after "v.v", not after "v.vv"
+        ((blip + 2) * 30, SpeechStart(t_ms=blip * 30)),  # "vv": told, then taken back
+    ]
+    assert [(t, e) for t, e in late if isinstance(e, SpeechStart)] == [
+        (24 * 30, SpeechStart(t_ms=20 * 30))
+    ]
+    [(_, utterance)] = [(t, e) for t, e in late if not isinstance(e, SpeechStart)]
+    assert isinstance(utterance, Utterance)
+    assert [(t, e) for t, e in told if not isinstance(e, SpeechStart)] == [
+        *[(t, e) for t, e in late if not isinstance(e, SpeechStart)],
+        ((blip + 5) * 30, Discarded(start_ms=blip * 30, end_ms=(blip + 5) * 30)),
+    ]
 
 
 @pytest.mark.usefixtures("scripted")

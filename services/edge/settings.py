@@ -23,7 +23,6 @@ class EdgeSettings(msgspec.Struct, frozen=True, kw_only=True):
     default_model: str = "tiny.en"
     # VAD / utterance cutting
     vad_mode: int = 3
-    vad_frame_ms: int = 30  # 10, 20 or 30 (what webrtcvad takes)
     preroll_ms: int = 300
     endpoint_ms: int = 500
     trailing_pad_ms: int = 120
@@ -125,7 +124,6 @@ class EdgeSettings(msgspec.Struct, frozen=True, kw_only=True):
         return StreamConfig(
             vad=VadConfig(
                 mode=settings.vad_mode,
-                frame_ms=settings.vad_frame_ms,
                 preroll_ms=settings.preroll_ms,
                 endpoint_ms=settings.endpoint_ms,
                 trailing_pad_ms=settings.trailing_pad_ms,

@@ -1,9 +1,11 @@
 """Utterance segmentation with webrtcvad: a plain class fed PCM, returning events.
 
 No I/O here. The edge feeds every byte of the session timeline in order; the
-segmenter answers with `SpeechStart` as soon as the VAD is confident someone
-is speaking and with an `Utterance` when the speech has ended (trailing
-silence of `endpoint_ms`), was cut at `max_utterance_ms`, or was flushed.
+segmenter answers with `SpeechStart` as soon as the VAD hears someone speaking
+(two voiced frames of three: `onset_voiced`, sooner than the utterance's own
+start, three of four), with `Discarded` where that was not speech after all,
+and with an `Utterance` when the speech has ended (trailing silence of
+`endpoint_ms`), was cut at `max_utterance_ms`, or was flushed.
 
 Between the two, once the trailing silence reaches the pad that goes with a
 segment (`trailing_pad_ms`), it announces a `Pause` holding the utterance
@@ -68,6 +70,13 @@ class VadConfig:
     frame_ms: int = 30
     start_frames: int = 4  # window looked at to decide speech has started
     start_voiced: int = 3  # voiced frames in that window needed to start
+    # `SpeechStart` comes sooner, on fewer voiced frames (onset_voiced 0: with the start).
+    # The utterance still begins where the start rule says, so its audio, and so its
+    # words, are what they would be without it; a `SpeechStart` that the start rule does
+    # not follow (fewer than onset_voiced voiced of the last start_frames) ends in a
+    # `Discarded`, as a blip too short to be speech does.
+    onset_frames: int = 3
+    onset_voiced: int = 2
     preroll_ms: int = 300
     endpoint_ms: int = 500  # trailing silence that ends an utterance
     trailing_pad_ms: int = (
@@ -98,6 +107,7 @@ class Segmenter:
         self._trailing_unvoiced = 0
         self._continued = False  # current piece follows a cut: speech already confirmed
         self._paused = False  # a Pause was announced for the current utterance
+        self._announced: int | None = None  # onset told by the onset rule, before a start
 
     @property
     def in_speech(self) -> bool:
@@ -132,18 +142,26 @@ class Segmenter:
         self._t_frames += 1
         if not self._in_speech:
             self._preroll.append((frame, voiced))
-            window = list(self._preroll)[-cfg.start_frames :]
-            if sum(v for _, v in window) >= cfg.start_voiced:
+            pre = list(self._preroll)
+            window = pre[-cfg.start_frames :]
+            heard = sum(v for _, v in window)
+            if heard >= cfg.start_voiced:
                 self._in_speech = True
-                onset_index = next(i for i, (_, v) in enumerate(window) if v)
-                onset_frame = self._t_frames - len(window) + onset_index
-                events.append(SpeechStart(t_ms=self._ms(onset_frame)))
-                pre = list(self._preroll)
+                if self._announced is None:
+                    events.append(SpeechStart(t_ms=self._onset(window)))
+                self._announced = None
                 self._frames = [f for f, _ in pre]
                 self._voiced = [v for _, v in pre]
                 self._start_frame = self._t_frames - len(pre)
                 self._trailing_unvoiced = 0
                 self._preroll.clear()
+            elif self._announced is None:
+                early = pre[-cfg.onset_frames :]
+                if cfg.onset_voiced > 0 and sum(v for _, v in early) >= cfg.onset_voiced:
+                    self._announced = self._onset(early)
+                    events.append(SpeechStart(t_ms=self._announced))
+            elif heard < cfg.onset_voiced:  # told, and the start never came
+                events.append(self._unannounce())
             return
         self._frames.append(frame)
         self._voiced.append(voiced)
@@ -165,6 +183,15 @@ class Segmenter:
             if isinstance(preview, Utterance):
                 self._paused = True
                 events.append(Pause(preview))
+
+    def _onset(self, window: list[tuple[bytes, bool]]) -> int:
+        """The onset of the first voiced frame of `window` (the newest frames)."""
+        first = next(i for i, (_, v) in enumerate(window) if v)
+        return self._ms(self._t_frames - len(window) + first)
+
+    def _unannounce(self) -> Discarded:
+        start, self._announced = self._announced or 0, None
+        return Discarded(start_ms=start, end_ms=self.position_ms)
 
     @property
     def _pad_frames(self) -> int:
@@ -243,7 +270,7 @@ class Segmenter:
     def flush(self) -> list[Event]:
         """Finalize: emit the utterance in progress (if any) now."""
         if not self._in_speech:
-            return []
+            return [self._unannounce()] if self._announced is not None else []
         if not self._frames:
             self._reset_idle()
             return []
@@ -251,6 +278,7 @@ class Segmenter:
 
     def _reset_idle(self) -> None:
         self._in_speech = False
+        self._announced = None
         self._frames = []
         self._voiced = []
         self._trailing_unvoiced = 0
