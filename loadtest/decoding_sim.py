@@ -51,6 +51,10 @@ jobs on the box (+-30 %); "-" = not run on that group.
 | tiny.en | PAD120R, 120 ms pad, the retry reading the context as previous text | 3.6 | 16/1/4 | +1.2/+1.2 | - | 0 | - | 0.182 | 521/679 |
 | tiny.en | W1, the encoder window cut to the audio + 1 s (not 30 s) | 31.4 | 37/48/100 | +29.0 | - | 0 | - | 0.175 | 560/1492 |
 | tiny.en | W3, the same, audio + 3 s | 12.0 | 21/4/46 | +9.7 | - | 0 | - | 0.202 | 577/1422 |
+| tiny.en | X20: a 20 s encoder window (2,000 frames), context + segment <= 17 s, 1 thread | 12.2 | 26/7/39 | +9.8 | - | 0 | - | 0.094 | 342/565 |
+| tiny.en | X24: 24 s (2,400 frames), <= 21 s | 7.3 | 23/1/19 | +4.9 | - | 0 | - | 0.115 | 438/682 |
+| tiny.en | X27: 27 s (2,700 frames), <= 24 s | 4.1 | 18/3/3 | +1.7 | - | 0 | - | 0.144 | 563/800 |
+| tiny.en | DEF beside them (30 s, <= 25 s), 1 thread | 3.1 | 13/2/3 | +0.7 | - | 0 | - | 0.168 | 631/886 |
 | tiny.en | DEF again (2026-12-01 evening, loaded box) | 3.1 | 13/2/3 | - | 4.9 | 0 | 1.0/0.0 | 0.138 | 638/1168 |
 | **tiny.en** | **NS4: DEF + no speech when the model says so and every kept word has p < 0.4 (default since)** | **3.1** | **13/2/3** | **-** | **4.9** | **0 (raw: the two "Mmm" finals gone)** | **1.0/0.0** | **0.141** | **596/1137** |
 | tiny.en | NS5, the same below 0.5 | 3.1 | 13/2/3 | - | 4.9 | 0 | 1.0/0.0 | 0.149 | 645/1302 |
@@ -68,7 +72,12 @@ window (W rows: CTranslate2 accepts fewer than 3,000 frames, and the encoder cos
 ~7 times less for 10 s than for 30 s) is what would cut CPU most, since the encoder is
 ~70 % of a final's CPU time on one thread; but Whisper then repeats itself after the
 speech ("You are now muted You are now muted") or loops until the compression gate
-drops the segment: it needs its 30 s window, padding included.
+drops the segment: it needs its 30 s window, padding included. Shorter windows with
+the context cut to leave the usual padding (X rows, 2026-12-02) show the same: on one
+thread the encoder costs 383 / 242 / 136 ms for 30 / 24 / 20 s, but the decoder repeats
+the forced context inside the new segment ("you are no longer muted YOU ARE NO LONGER
+MUTED"), words a time filter on the alignment cannot catch (they align inside the
+segment), and even 27 s costs a point of WER.
 
 Forced context costs a decoder step per context token: CTranslate2 reads the
 prompt up to `<|notimestamps|>` in one pass and forces every text token after it
