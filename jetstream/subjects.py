@@ -88,6 +88,15 @@ def segments_subject(edge_id: str, session_id: str, lane: str = "") -> str:
     return f"{_laned('segments', lane)}.{check_token(edge_id)}.{check_token(session_id)}"
 
 
+def withdrawn_subject(edge_id: str, session_id: str) -> str:
+    """Where the edge says a segment it queued went void (core NATS, `schemas.pipeline.
+    Withdrawn`): a worker decoding it may stop."""
+    return f"{PREFIX}.withdrawn.{check_token(edge_id)}.{check_token(session_id)}"
+
+
+WITHDRAWN_ALL = f"{PREFIX}.withdrawn.>"
+
+
 def file_segments_subject(edge_id: str, job_id: str, lane: str = "") -> str:
     """Where the edge publishes an uploaded file's segments (ASR_SEGMENTS, file-workers).
     Their results come back on `results_subject(edge_id, job_id)`, like a session's."""

@@ -47,6 +47,15 @@ class Segment(msgspec.Struct, tag=True, kw_only=True, frozen=True):
     model: str = ""
 
 
+class Withdrawn(msgspec.Struct, kw_only=True, frozen=True):
+    """A segment revision the edge took back out of the queue (speech resumed after an
+    early final's pause): whatever a worker would say of it is ignored."""
+
+    session_id: str
+    segment: int
+    revision: int
+
+
 class Word(msgspec.Struct, frozen=True):
     """A recognised word with its times on the session timeline."""
 
@@ -136,6 +145,19 @@ def encode_segment(segment: Segment) -> bytes:
 def decode_segment(data: bytes) -> Segment:
     """Raise `msgspec.DecodeError` / `msgspec.ValidationError` on bad input."""
     return _segment_decoder.decode(data)
+
+
+_withdrawn_encoder = msgspec.msgpack.Encoder()
+_withdrawn_decoder = msgspec.msgpack.Decoder(Withdrawn)
+
+
+def encode_withdrawn(notice: Withdrawn) -> bytes:
+    return _withdrawn_encoder.encode(notice)
+
+
+def decode_withdrawn(data: bytes) -> Withdrawn:
+    """Raise `msgspec.DecodeError` / `msgspec.ValidationError` on bad input."""
+    return _withdrawn_decoder.decode(data)
 
 
 def encode_result(result: ResultMessage) -> bytes:

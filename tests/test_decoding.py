@@ -317,3 +317,22 @@ def test_the_encoder_says_the_same_on_one_thread_or_two(jfk) -> None:  # type: i
         for threads in (1, 2)
     ]
     assert np.array_equal(outputs[0], outputs[1])
+
+
+def test_a_segment_withdrawn_while_it_is_encoded_stops_there(model, jfk) -> None:  # type: ignore[no-untyped-def]
+    """The edge withdrew the segment (speech resumed after its pause) while the worker
+    encoded it: asked after the encoder, the decode stops, with no words; still wanted,
+    it is the decode it always was."""
+    req = DecodeRequest(audio=jfk, voiced=_voiced(jfk))
+    asked: list[bool] = []
+
+    def withdrawn() -> bool:
+        asked.append(False)
+        return False
+
+    stopped = decode(model, req, DecodePolicy(), wanted=withdrawn)
+    assert (stopped.skipped, stopped.words, stopped.text) == ("withdrawn", [], "")
+    assert asked == [False]  # asked once, and no second decode without the context
+    assert decode(model, req, DecodePolicy(), wanted=lambda: True) == decode(
+        model, req, DecodePolicy()
+    )

@@ -12,6 +12,7 @@ from nats.aio.client import Client as NATS
 from jetstream import subjects
 from schemas import device as ev
 from services.cli.client import StreamRun, stream_audio
+from services.worker.withdrawn import WITHDRAWN
 from tests.support import RunningEdge, run_edge, run_worker, until, wer
 
 pytestmark = pytest.mark.slow
@@ -143,6 +144,27 @@ async def test_a_pause_inside_a_sentence_leaves_one_segment_queued(
     assert [f.segment for f in run.finals] == [0]
     assert wer(speech.text, run.text) <= 0.25, run.text
     assert worker.stats["transcribed"] == 1, "the void candidate was never decoded"
+
+
+async def test_a_candidate_withdrawn_while_a_worker_decodes_it_is_told_to_the_workers(
+    nc: NATS, nats_server, engine, http, make_test_speech
+) -> None:  # type: ignore[no-untyped-def]
+    """A worker is free, so it takes the early final at the pause at once; the speech
+    goes on, the edge withdraws it and tells the workers (core NATS), and the device
+    gets one Final for all of it. Whether the notice comes before the encoder is done
+    is up to the CPU: the decode stopping there is tested in tests/test_decoding.py."""
+    speech = make_test_speech(["please turn on", "the lights in the kitchen"], gap_s=0.35)
+    heard = WITHDRAWN.heard
+    async with (
+        run_worker(nats_server.url, engine),
+        run_edge(nats_server.url) as edge,
+    ):
+        run = await stream_audio(
+            http, edge.url, speech.pcm, speech.sample_rate, realtime=True, close_timeout=120
+        )
+        await until(lambda: WITHDRAWN.heard > heard, 5, "the workers told of the void candidate")
+    assert [f.segment for f in run.finals] == [0]
+    assert wer(speech.text, run.text) <= 0.25, run.text
 
 
 @pytest.mark.parametrize("rate", [8000, 48000])

@@ -216,6 +216,7 @@ async def _accept(request: web.Request, negotiate: Negotiate) -> web.StreamRespo
     session = Session(
         ws=ws,
         js=app[nats_key].jetstream(),
+        nc=app[nats_key],
         store=app[store_key],
         settings=settings,
         params=params,

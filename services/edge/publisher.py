@@ -22,7 +22,7 @@ from nats.js.errors import APIError
 
 from jetstream import subjects
 from observability.tracing import get_tracer, inject_headers
-from schemas.pipeline import Segment, encode_segment
+from schemas.pipeline import Segment, Withdrawn, encode_segment, encode_withdrawn
 
 log = logging.getLogger(__name__)
 tracer = get_tracer("escapement.edge")
@@ -53,8 +53,10 @@ class SegmentPublisher:
         buffer_bytes: int,
         on_failure: Callable[[PublishFailure], None],
         on_published: Callable[[Segment], Awaitable[None]],
+        notify: Callable[[str, bytes], Awaitable[None]] | None = None,
     ) -> None:
         self.js = js
+        self.notify = notify  # core NATS publish: a withdrawn candidate's notice to workers
         self.outage_buffer_s = outage_buffer_s
         self.publish_timeout_s = publish_timeout_s
         self.buffer_bytes = buffer_bytes
@@ -70,6 +72,7 @@ class SegmentPublisher:
         # stream sequence of recent finals, by (number, revision): a void candidate
         # still waiting for a worker can be taken back out of the queue
         self._seqs: dict[tuple[int, int], int] = {}
+        self._session: tuple[str, str] | None = None  # (edge id, session id) of its segments
 
     def enqueue(self, segment: Segment) -> None:
         size = len(segment.pcm) + len(segment.context_pcm)
@@ -129,10 +132,11 @@ class SegmentPublisher:
             log.info("session %s: pending interims not purged: %r", session_id, exc)
 
     async def _withdraw(self, number: int, revision: int) -> bool:
-        """Take a void candidate out of the queue if no worker has finished it yet
-        (a worker decoding it already is let be: its result is ignored)."""
+        """Take a void candidate out of the queue if no worker has finished it yet, and
+        say so on core NATS: a worker decoding it stops after the encoder (its result
+        would be ignored anyway)."""
         seq = self._seqs.pop((number, revision), None)
-        if seq is None:
+        if seq is None or self._session is None:
             return False
         try:
             removed = await self.js.delete_msg(subjects.STREAM_SEGMENTS, seq)
@@ -142,8 +146,19 @@ class SegmentPublisher:
         except (NatsError, TimeoutError) as exc:
             log.info("void segment %d-%d not withdrawn: %r", number, revision, exc)
             return False
-        self.withdrawn += bool(removed)
-        return bool(removed)
+        if not removed:
+            return False
+        self.withdrawn += 1
+        if self.notify is not None:
+            edge_id, session_id = self._session
+            notice = Withdrawn(session_id=session_id, segment=number, revision=revision)
+            try:
+                await self.notify(
+                    subjects.withdrawn_subject(edge_id, session_id), encode_withdrawn(notice)
+                )
+            except NatsError as exc:  # a worker decoding it finishes it; nothing is lost
+                log.info("void segment %d-%d: no notice to workers: %r", number, revision, exc)
+        return True
 
     async def _publish_interim(self, segment: Segment) -> None:
         lane = subjects.lane_of_model(segment.model)
@@ -199,6 +214,7 @@ class SegmentPublisher:
                         self.on_failure(PublishFailure(segment, "duplicate_segment", message))
                         return
                     self._seqs[(number, segment.revision)] = ack.seq
+                    self._session = (segment.edge_id, segment.session_id)
                     while len(self._seqs) > 64:
                         del self._seqs[next(iter(self._seqs))]
                     break

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import msgspec
 from aiohttp import WSCloseCode, WSMsgType, web
+from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from observability.metrics import ATTR_KIND, ATTR_REASON, Metrics
@@ -99,6 +100,7 @@ class Session:
         metrics: Metrics | None = None,
         start: StreamStart | None = None,
         dialect: Dialect | None = None,
+        nc: NATS | None = None,
     ) -> None:
         self.ws = ws
         self.dialect = dialect or Dialect()
@@ -127,6 +129,7 @@ class Session:
             buffer_bytes=settings.publish_buffer_bytes,
             on_failure=self._publish_failed,
             on_published=self._published,
+            notify=nc.publish if nc is not None else None,
         )
         self._outbox: asyncio.Queue[str | None] = asyncio.Queue()  # text frames
         self._outbox_bytes = 0  # bounded by outbox_max_frames / _bytes: then closed 4009

@@ -122,6 +122,7 @@ def permissions(role: str, user: str | None = None) -> dict[str, Any]:
             *(f"{_API}.CONSUMER.INFO.{s}.*" for s in sorted({s for s, _ in consumers})),
             f"{_API}.STREAM.PURGE.{subjects.STREAM_INTERIMS}",  # Interrupt
             f"{_API}.STREAM.MSG.DELETE.{subjects.STREAM_SEGMENTS}",  # a void early final
+            subjects.WITHDRAWN_ALL,  # ... and the notice to a worker decoding it
             f"{_API}.STREAM.MSG.GET.{subjects.STREAM_TRANSCRIPTS}",  # resume, recovery
             f"{_API}.STREAM.MSG.GET.{_KV_STREAM}",
             f"{_API}.DIRECT.GET.{_KV_STREAM}",
@@ -173,6 +174,7 @@ def permissions(role: str, user: str | None = None) -> dict[str, Any]:
         subscribe = [
             inbox,
             f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{subjects.STREAM_SEGMENTS}.*",
+            subjects.WITHDRAWN_ALL,  # void early finals: a decode of one stops early
             *_micro(subjects.WORKER_SERVICE, f"{subjects.PREFIX}.control.worker.>"),
         ]
         deny_publish = [

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -39,6 +40,8 @@ from services.common.languages import primary_language
 
 SAMPLE_RATE = 16000
 WINDOW_S = 30.0  # Whisper sees at most 30 s per call
+WITHDRAWN = "withdrawn"  # skipped: the edge took the segment back while it was decoded
+Wanted = Callable[[], bool] | None  # asked after each encoder pass: still wanted?
 
 
 @dataclass(frozen=True)
@@ -437,7 +440,9 @@ def _finish(
     return Decoded(words=words, text=text, dropped=dropped, **stats)  # type: ignore[arg-type]
 
 
-def decode(model, request: DecodeRequest, policy: DecodePolicy | None = None) -> Decoded:
+def decode(
+    model, request: DecodeRequest, policy: DecodePolicy | None = None, wanted: Wanted = None
+) -> Decoded:  # type: ignore[no-untyped-def]
     """Decode the new segment of `request` with `model` (a faster_whisper.WhisperModel).
 
     One encoder pass, one generate (plus at most one wider-beam retry), one
@@ -448,24 +453,29 @@ def decode(model, request: DecodeRequest, policy: DecodePolicy | None = None) ->
     calls the transcript finished and says nothing of the new audio. When the
     context gave no word although the model did not call the audio non-speech,
     the segment is decoded once more on its own.
+
+    `wanted`, if given, is asked after each encoder pass: False (the edge withdrew the
+    segment) ends the decode there, skipped "withdrawn".
     """
     policy = policy or DecodePolicy()
     try:
-        decoded = _decode(model, request, policy)
+        decoded = _decode(model, request, policy, wanted)
     except _LanguageChanged as changed:  # the context's text is in the old language
         request = dataclasses.replace(request, context_text="", language=changed.language)
-        return _alone(model, request, policy, request.segment_start_s)
-    if decoded.words or decoded.skipped in ("no_speech", "repetitive", "not_speech"):
+        return _alone(model, request, policy, request.segment_start_s, wanted)
+    if decoded.words or decoded.skipped in ("no_speech", "repetitive", "not_speech", WITHDRAWN):
         return decoded
     if not request.context_text or request.segment_start_s <= 0:
         return decoded
     request = dataclasses.replace(request, language=decoded.language or request.language)
-    return _alone(model, request, policy, request.segment_start_s)
+    return _alone(model, request, policy, request.segment_start_s, wanted)
 
 
-def _alone(model, request: DecodeRequest, policy: DecodePolicy, cut: float) -> Decoded:  # type: ignore[no-untyped-def]
+def _alone(
+    model, request: DecodeRequest, policy: DecodePolicy, cut: float, wanted: Wanted = None
+) -> Decoded:  # type: ignore[no-untyped-def]
     """The new segment of `request` decoded without its context; times within `request`."""
-    return _shifted(_decode(model, _alone_request(request, cut), policy), cut)
+    return _shifted(_decode(model, _alone_request(request, cut), policy, wanted), cut)
 
 
 def _alone_request(request: DecodeRequest, cut: float) -> DecodeRequest:
@@ -525,7 +535,7 @@ def _language(
     return language
 
 
-def _decode(model, request: DecodeRequest, policy: DecodePolicy) -> Decoded:  # type: ignore[no-untyped-def]
+def _decode(model, request: DecodeRequest, policy: DecodePolicy, wanted: Wanted = None) -> Decoded:  # type: ignore[no-untyped-def]
     from faster_whisper.transcribe import pad_or_trim
 
     window = _window(request, policy)
@@ -535,6 +545,8 @@ def _decode(model, request: DecodeRequest, policy: DecodePolicy) -> Decoded:  # 
     features = model.feature_extractor(audio)
     num_frames = features.shape[-1] - 1
     encoder_output = model.encode(pad_or_trim(features))
+    if wanted is not None and not wanted():
+        return Decoded(skipped=WITHDRAWN)
     language = _language(model, encoder_output, request, context_text, seg_start, duration, policy)
     tokenizer = _tokenizer(model, language)
     prompts = _prompts(model, tokenizer, request, context_text, seg_start, policy)

@@ -20,6 +20,7 @@ import numpy as np
 from schemas.pipeline import Result, Segment, Word
 from services.common.audio import wav_bytes
 from services.common.board import DecodeBoard
+from services.worker.decoding import WITHDRAWN as SKIPPED_WITHDRAWN
 from services.worker.decoding import (
     Decoded,
     DecodePolicy,
@@ -27,6 +28,7 @@ from services.worker.decoding import (
     decode,
     whisper_language,
 )
+from services.worker.withdrawn import WITHDRAWN
 
 log = logging.getLogger(__name__)
 
@@ -186,9 +188,14 @@ class WhisperEngine:
         request, origin_ms = self._request(segment)
         board = self.board if segment.final else None  # the board tells finals only
         with board.decoding() if board is not None else contextlib.nullcontext():
-            decoded = decode(
-                self.model, request, self.policy if segment.final else self.look_policy
-            )
+            if segment.final:  # an early final the edge withdrew meanwhile stops early
+                decoded = decode(
+                    self.model, request, self.policy, wanted=lambda: not WITHDRAWN.of(segment)
+                )
+            else:
+                decoded = decode(self.model, request, self.look_policy)
+        if decoded.skipped == SKIPPED_WITHDRAWN:
+            WITHDRAWN.stopped += 1
         return self._transcription(segment, request, decoded, origin_ms, started)
 
     def transcribe_batch(self, segments: list[Segment]) -> list[Transcription | EngineError]:

@@ -82,6 +82,7 @@ from services.worker.engines import Engine, EngineError, Transcription, result_o
 from services.worker.interims import InterimLooks
 from services.worker.settings import WorkerSettings
 from services.worker.sweep import Sweep
+from services.worker.withdrawn import WITHDRAWN
 
 log = logging.getLogger(__name__)
 tracer = get_tracer("escapement.worker")
@@ -241,6 +242,7 @@ class Worker:
         self.configure(info.config)
         # Before the first pull: the advisory is sent when a worker pulls.
         advisories = await self._advisories()
+        advisories.append(await self.nc.subscribe(subjects.WITHDRAWN_ALL, cb=WITHDRAWN.on_notice))
         sweeping = self._start_sweep(stop)
         psub = await self.js.pull_subscribe_bind(self.consumer, stream=subjects.STREAM_SEGMENTS)
         looks = await self._interim_looks()
@@ -313,7 +315,7 @@ class Worker:
             sweeping.cancel()
             await asyncio.gather(sweeping, return_exceptions=True)
         for sub in advisories:
-            await self._unsubscribe(sub, "max-deliveries advisories")
+            await self._unsubscribe(sub, "advisories and notices")
 
     def _start_sweep(self, stop: asyncio.Event) -> asyncio.Task[None] | None:
         """The dead-letter sweep (services/worker/sweep.py), unless `sweep_every_s` is 0."""
@@ -827,6 +829,8 @@ class Worker:
             "in_flight": len(self._jobs),
             "dead_lettered": self.dead.buried,
             "swept": {"exhausted": self.sweep.stats.exhausted, "expired": self.sweep.stats.expired},
+            # void early finals: notices heard, decodes stopped after the encoder (per process)
+            "withdrawn": {"heard": WITHDRAWN.heard, "stopped": WITHDRAWN.stopped},
             "languages": list(getattr(self.engine, "languages", None) or []),
             **self.stats,
             "time": time.time(),
