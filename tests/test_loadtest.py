@@ -28,8 +28,17 @@ UP_READY = 60.0
 
 @pytest.fixture(scope="module")
 def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SpawnedUp]:
-    """`escapement up` with one worker, started the way the load generator's --spawn-up does."""
-    running = SpawnedUp(workers=1, data_dir=tmp_path_factory.mktemp("up"))
+    """`escapement up` with one worker, started the way the load generator's --spawn-up does.
+
+    Admission by a fixed count, not by the measured decode rate: with one worker on short
+    sentences that rate puts the cap at 2-4 sessions depending on how fast the host is
+    that minute, and the scenarios here hold up to 4 open sockets (slowloris) beside the
+    session they probe with."""
+    running = SpawnedUp(
+        workers=1,
+        data_dir=tmp_path_factory.mktemp("up"),
+        env={"ESCAPEMENT_SESSION_LOAD": "0", "ESCAPEMENT_MAX_SESSIONS_PER_WORKER": "8"},
+    )
     running.start(timeout=UP_READY)
     try:
         yield running

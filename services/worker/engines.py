@@ -57,6 +57,9 @@ class Transcription:
     words: list[Word] = field(default_factory=list)
     language: str = ""
     inference_ms: float = 0.0
+    # the edge withdrew the segment while it was decoded (services/worker/withdrawn.py):
+    # nobody wants an answer, and its time says nothing of the decode rate
+    withdrawn: bool = False
 
 
 def result_of(segment: Segment, transcription: Transcription, engine: str) -> Result:
@@ -194,8 +197,6 @@ class WhisperEngine:
                 )
             else:
                 decoded = decode(self.model, request, self.look_policy)
-        if decoded.skipped == SKIPPED_WITHDRAWN:
-            WITHDRAWN.stopped += 1
         return self._transcription(segment, request, decoded, origin_ms, started)
 
     def transcribe_batch(self, segments: list[Segment]) -> list[Transcription | EngineError]:
@@ -279,4 +280,5 @@ class WhisperEngine:
             words=words,
             language=decoded.language or request.language or request.language_prior or "en",
             inference_ms=(time.perf_counter() - started) * 1000,
+            withdrawn=decoded.skipped == SKIPPED_WITHDRAWN,
         )

@@ -728,6 +728,10 @@ class Worker:
         except Exception as exc:  # noqa: BLE001 - any engine failure is retried, bounded
             await self._retry_or_give_up(delivery, segment, exc)
             return
+        if transcription.withdrawn:  # already deleted from the queue; the ack is a formality
+            WITHDRAWN.stopped += 1
+            await delivery.ack()
+            return
         await self._answer(delivery, segment, transcription, engine)
 
     async def _answer(
