@@ -293,21 +293,7 @@ async def test_sweep_leaves_a_segment_being_decoded_alone(nc: NATS) -> None:
     await set_ack_wait(js, 0.5)
     psub = await js.pull_subscribe_bind(subjects.CONSUMER_WORKERS, stream=subjects.STREAM_SEGMENTS)
     for number in (0, 1):
-        await js.publish(
-            subjects.segments_subject("e1", "s1"),
-            encode_segment(
-                Segment(
-                    session_id="s1",
-                    edge_id="e1",
-                    segment=number,
-                    start_ms=0,
-                    end_ms=1000,
-                    sample_rate=16000,
-                    pcm=bytes(32000),
-                )
-            ),
-            headers={subjects.Header.MSG_ID: subjects.segment_msg_id("s1", number)},
-        )
+        await _publish(js, number)
     [first] = await psub.fetch(1, timeout=2)
     [second] = await psub.fetch(1, timeout=2)
     assert first.metadata.sequence.stream == 1
