@@ -40,7 +40,9 @@ from services.common.languages import primary_language
 
 SAMPLE_RATE = 16000
 WINDOW_S = 30.0  # Whisper sees at most 30 s per call
-WITHDRAWN = "withdrawn"  # skipped: the edge took the segment back while it was decoded
+SKIPPED_WITHDRAWN = "withdrawn"  # skipped: the edge took the segment back while it was decoded
+# skipped for a reason a second decode without the context would not change
+_NOT_AGAIN = ("no_speech", "repetitive", "not_speech", SKIPPED_WITHDRAWN)
 Wanted = Callable[[], bool] | None  # asked after each encoder pass: still wanted?
 
 
@@ -463,7 +465,7 @@ def decode(
     except _LanguageChanged as changed:  # the context's text is in the old language
         request = dataclasses.replace(request, context_text="", language=changed.language)
         return _alone(model, request, policy, request.segment_start_s, wanted)
-    if decoded.words or decoded.skipped in ("no_speech", "repetitive", "not_speech", WITHDRAWN):
+    if decoded.words or decoded.skipped in _NOT_AGAIN:
         return decoded
     if not request.context_text or request.segment_start_s <= 0:
         return decoded
@@ -546,7 +548,7 @@ def _decode(model, request: DecodeRequest, policy: DecodePolicy, wanted: Wanted 
     num_frames = features.shape[-1] - 1
     encoder_output = model.encode(pad_or_trim(features))
     if wanted is not None and not wanted():
-        return Decoded(skipped=WITHDRAWN)
+        return Decoded(skipped=SKIPPED_WITHDRAWN)
     language = _language(model, encoder_output, request, context_text, seg_start, duration, policy)
     tokenizer = _tokenizer(model, language)
     prompts = _prompts(model, tokenizer, request, context_text, seg_start, policy)

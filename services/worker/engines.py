@@ -20,8 +20,8 @@ import numpy as np
 from schemas.pipeline import Result, Segment, Word
 from services.common.audio import wav_bytes
 from services.common.board import DecodeBoard
-from services.worker.decoding import WITHDRAWN as SKIPPED_WITHDRAWN
 from services.worker.decoding import (
+    SKIPPED_WITHDRAWN,
     Decoded,
     DecodePolicy,
     DecodeRequest,
