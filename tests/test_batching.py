@@ -196,3 +196,32 @@ async def test_worker_decodes_queued_segments_of_four_sessions_in_one_batch(
         assert final.words and all(0 <= w.start_ms <= w.end_ms <= seg.end_ms for w in final.words)
     stream = await js.stream_info(subjects.STREAM_SEGMENTS)
     assert stream.state.messages == 0  # every one acked
+
+
+def test_final_cost_times_every_step_of_a_final_and_leaves_the_decoder_as_it_was(
+    tmp_path,
+) -> None:  # type: ignore[no-untyped-def]
+    """`python -m loadtest.final_cost` at CI size: each window's encoder pass, greedy
+    generate and alignment are counted once, the forced-token probe ran with and without
+    the context, and the draft check compared every window; `decode` is untimed after."""
+    import json
+
+    from loadtest import final_cost
+    from services.worker import decoding
+
+    silero = decoding.silero_spans
+    out = tmp_path / "cost.json"
+    try:
+        code = final_cost.main(["--windows", "3", "--draft-check", "--json", str(out)])
+    except CorpusError as exc:
+        pytest.skip(f"recorded speech not available: {exc}")
+    assert code == 0
+    report = json.loads(out.read_text())
+    steps = report["steps"]
+    assert report["windows"] == 3
+    assert steps["encoder"]["calls"] == 3 and steps["generate, beam 1"]["calls"] == 3
+    assert steps["alignment"]["calls"] >= 3 and steps["silero"]["calls"] >= 3
+    assert "0" in report["forced_ms"] and len(report["forced_ms"]) >= 2  # some context
+    check = report["draft_check"]
+    assert check["windows"] == 3 and check["verified but not equal"] == 0
+    assert decoding.silero_spans is silero
