@@ -3,10 +3,9 @@
 `decode_batch(model, requests, policy)` gives, item by item, what
 `services.worker.decoding.decode` gives for each request alone, with the model
 steps shared: one encoder call on the stacked 30 s windows, one greedy
-`generate` on all the prompts, one alignment call, then the per-item retry
+`generate` on all the prompts, then each item's alignment, the per-item retry
 decisions, the wider-beam retries batched (those of equal `max_length`, see
-below), their alignment in one call, and the per-item word gates (voiced spans,
-Silero). The segments that a forced context silenced are decoded again on their
+below), their alignment, and the per-item word gates (voiced spans, Silero). The segments that a forced context silenced are decoded again on their
 own, batched too.
 
 Measured on 2 CPU cores (tiny.en int8, loadtest/README.md "Batching"): no step
@@ -32,11 +31,14 @@ is done about it:
   point where a shorter limit would have ended it and still pick an earlier
   hypothesis, with no sign of it in the result: wider-beam retries share a
   call only with retries of the same `max_length`.
-- Alignment of a batch pads the token sequences. With equal frame counts
-  CTranslate2 normalises the attention over the padded token axis, so such a
-  call is only made when the token counts are equal too; otherwise each item
-  is aligned in its own call (or with differing frame counts, in one call,
-  where CTranslate2 trims each row's padding before normalising).
+- Alignment is one call per item. A shared call pads the token sequences (with
+  equal frame counts CTranslate2 normalises the attention over the padded token
+  axis), and even where it need not (differing frame counts, trimmed per row; or
+  equal token counts) it was not exact everywhere: on an AMD EPYC (oneDNN) the
+  word probabilities of a shared call differed from the item's alone in the 7th
+  digit (0.6195161 against 0.6195158), times and text equal. A probability decides
+  the beam retry (< 0.5), so that is not close enough. It costs a batch one
+  alignment call per item (~50 ms each on this CPU, ~7 % of a final).
 - Sampling (`temperature` > 0) is not reproducible across batch layouts: such
   a policy is decoded item by item, as is language detection (multilingual
   models without a language), which is per item anyway.
@@ -322,39 +324,14 @@ def _run(model, encoder: _Encoded, items: list[_Item], policy, beam: int) -> Non
 
 
 def _align(model, encoder: _Encoded, items: list[_Item], policy: DecodePolicy) -> None:  # type: ignore[no-untyped-def]
-    """Word times of each item's tokens, in as few alignment calls as stay exact."""
-    todo = [i for i in items if i.tokens and policy.word_timestamps]
+    """Word times of each item's tokens, one alignment call per item (see the module
+    doc: a shared call is not exact on every CPU)."""
     for i in items:
-        if i not in todo:
+        if not (i.tokens and policy.word_timestamps):
             i.words = []
-    for group in _alignment_calls(todo):
+            continue
         aligned = model.find_alignment(
-            group[0].tokenizer,
-            [i.prefix_tokens + i.tokens for i in group],
-            encoder.rows([i.row for i in group]),
-            [i.num_frames for i in group] if len(group) > 1 else group[0].num_frames,
+            i.tokenizer, [i.prefix_tokens + i.tokens], encoder.rows([i.row]), i.num_frames
         )
-        for n, i in enumerate(group):
-            i.context_words = aligned[n] if n < len(aligned) else []
-            i.words = _new_words(
-                i.context_words, len(i.prefix_tokens), i.seg_start, i.voiced, policy
-            )
-
-
-def _alignment_calls(items: list[_Item]) -> list[list[_Item]]:
-    """Items grouped into alignment calls whose rows do not affect each other: one
-    language each, and either frame counts that differ (CTranslate2 then trims each
-    row's padding before normalising) or token counts all equal (nothing padded);
-    otherwise each item alone."""
-    calls: list[list[_Item]] = []
-    by_language: dict[str, list[_Item]] = {}
-    for i in items:
-        by_language.setdefault(i.language, []).append(i)
-    for group in by_language.values():
-        frames = {i.num_frames // 2 for i in group}  # the encoder halves them
-        lengths = {len(i.prefix_tokens) + len(i.tokens) for i in group}
-        if len(frames) > 1 or len(lengths) == 1:
-            calls.append(group)
-        else:
-            calls += [[i] for i in group]
-    return calls
+        i.context_words = aligned[0] if aligned else []
+        i.words = _new_words(i.context_words, len(i.prefix_tokens), i.seg_start, i.voiced, policy)
