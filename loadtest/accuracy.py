@@ -163,6 +163,8 @@ class Streamed:
 
     outcome: str = "pending"
     reason: str = ""
+    retry_after_s: float | None = None  # a refusal's Retry-After
+    refusals: int = 0  # times the edge refused it before it was admitted (or given up)
     finals: list[tuple[float, ev.Final]] = field(default_factory=list)  # (received, event)
     interims: list[tuple[float, ev.Interim]] = field(default_factory=list)
     started: list[tuple[float, ev.SpeechStarted]] = field(default_factory=list)
@@ -216,7 +218,7 @@ async def stream_item(
         if out.outcome == FAILED:
             out.reason = f"closed with {out.run.close_code} {out.run.close_reason}".strip()
     except Refused as exc:
-        out.outcome, out.reason = REFUSED, exc.reason
+        out.outcome, out.reason, out.retry_after_s = REFUSED, exc.reason, exc.retry_after
     except TimeoutError:
         out.outcome, out.reason = TIMED_OUT, "over the session's time limit"
     except (aiohttp.ClientError, OSError, msgspec.DecodeError, msgspec.ValidationError) as exc:
@@ -284,16 +286,30 @@ async def stream_all(
     concurrency: int,
     live: Live | None,
     stagger_s: float = 0.7,
+    admission_wait_s: float = 0.0,
 ) -> list[Streamed]:
     """Every entry once, at most `concurrency` at a time; the first ones started a little
-    apart so that their speech ends do not all coincide."""
+    apart so that their speech ends do not all coincide. A file the edge refuses (its
+    admission may allow fewer sessions than `concurrency`: the base model on a slow host)
+    is tried again after the refusal's Retry-After, as a device would, for up to
+    `admission_wait_s` (0: not at all); then, or when the refusal named no Retry-After
+    (a bad token, say), it counts as refused."""
     gate = asyncio.Semaphore(max(1, concurrency))
 
     async def one(i: int, entry: Entry) -> Streamed:
         if i < concurrency:
             await asyncio.sleep(i * stagger_s)
-        async with gate:
-            return await stream_item(http, entry.item, opts, live)
+        give_up = time.monotonic() + admission_wait_s
+        refusals = 0
+        while True:
+            async with gate:
+                out = await stream_item(http, entry.item, opts, live)
+            again = out.outcome == REFUSED and out.retry_after_s is not None
+            if not again or time.monotonic() >= give_up:
+                out.refusals = refusals + (out.outcome == REFUSED)
+                return out
+            refusals += 1
+            await asyncio.sleep(min(max(out.retry_after_s or 0.0, 0.5), 10.0))
 
     return list(await asyncio.gather(*(one(i, e) for i, e in enumerate(entries))))
 
@@ -400,6 +416,7 @@ def build_report(
                 "ref_words": s.ref_words,
                 "outcome": streamed.outcome,
                 "reason": streamed.reason,
+                "refusals": streamed.refusals,
                 "errors": dict(streamed.errors),
                 "streamed_wer": s.wer,
                 "streamed_sub": s.sub,
@@ -574,6 +591,13 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(
             f"  Streamed {d['repeats']} times: finals {verdict} ({d['identical']}/{d['files']} files)"
         )
+    waited = [f for f in report["files"] if f.get("refusals") and f["outcome"] == COMPLETED]
+    if waited:
+        lines.append(
+            f"  Admitted after waiting: {len(waited)} file(s), "
+            f"{sum(f['refusals'] for f in waited)} refusal(s) before that (the edge's "
+            "admission allowed fewer sessions at once than --concurrency)"
+        )
     for what in report["incomplete"]:
         lines.append(f"  NOT COMPLETED: {what}")
     for name in report["no_finals"]:
@@ -636,6 +660,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--no-offline", action="store_true", help="skip the offline decode (latency runs)"
     )
+    p.add_argument(
+        "--admission-wait-s", type=float, default=600.0,
+        help="a refused file is tried again after Retry-After for this long (default 600; 0: "
+        "counted as refused at once)",
+    )  # fmt: skip
     p.add_argument("--json", dest="json_out", help="also write the report as JSON here")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     args = p.parse_args(argv)
@@ -718,7 +747,16 @@ async def run(args: argparse.Namespace) -> int:
                     _say(
                         args, f"streaming pass {r + 1}/{args.repeat} ({args.concurrency} at a time)"
                     )
-                    runs.append(await stream_all(http, entries, opts, args.concurrency, live))
+                    runs.append(
+                        await stream_all(
+                            http,
+                            entries,
+                            opts,
+                            args.concurrency,
+                            live,
+                            admission_wait_s=args.admission_wait_s,
+                        )  # fmt: skip
+                    )
             finally:
                 ticker.cancel()
                 await asyncio.gather(ticker, return_exceptions=True)

@@ -314,3 +314,37 @@ async def test_sessions_per_worker_cap_refuses_before_a_backlog(
         await until(lambda: sessions_below(http, edge, 2), 5, "the edge sees the close")
         await admitted(http, url)  # room again
         await held[1].close()
+
+
+async def test_the_accuracy_benchmark_waits_for_admission_instead_of_skipping_a_file(
+    nats_server, nc: NATS, engine, make_test_speech
+) -> None:  # type: ignore[no-untyped-def]
+    """`loadtest.accuracy` streams more files at once than the edge admits (the base
+    model on a slow host): the file refused `at_capacity` comes back after Retry-After,
+    as a device would, and is measured like the others; with no wait it is reported
+    refused, as before."""
+    from loadtest import accuracy
+    from loadtest.corpus import Item
+    from loadtest.device import SessionOptions
+    from loadtest.progress import Live
+    from loadtest.workload import http_session
+
+    speech = make_test_speech(["turn on the kitchen lights"])
+    entries = [
+        accuracy.Entry(Item(f"lights-{k}", speech.pcm, speech.sample_rate, speech.text), "espeak")
+        for k in range(2)
+    ]
+    async with (
+        run_worker(nats_server.url, engine),
+        run_edge(nats_server.url, max_sessions_per_worker=1) as edge,
+        http_session() as http,
+    ):
+        opts = SessionOptions(url=edge.url, interim_results=False)
+        quiet = Live(enabled=False)
+        runs = await accuracy.stream_all(http, entries, opts, 2, quiet, admission_wait_s=60)
+        assert [r.outcome for r in runs] == ["completed", "completed"], [r.reason for r in runs]
+        assert sorted(r.refusals for r in runs)[0] == 0 and max(r.refusals for r in runs) >= 1
+        assert all("kitchen" in r.text.lower() for r in runs), [r.text for r in runs]
+        runs = await accuracy.stream_all(http, entries, opts, 2, quiet)
+        assert sorted(r.outcome for r in runs) == ["completed", "refused"]
+        assert [r.reason for r in runs if r.outcome == "refused"] == ["at_capacity"]

@@ -115,12 +115,15 @@ class EdgeSettings(msgspec.Struct, frozen=True, kw_only=True):
         allowed = {t.strip() for t in self.fast_pace_tenants.split(",") if t.strip()}
         return "*" in allowed or tenant in allowed
 
+    def window_ms_at(self, sample_rate: int) -> int:
+        """Context + segment at most for audio at `sample_rate`: `window_ms`, unless a
+        segment with its context would not fit a NATS message (at 48 kHz ~9 s, not 28)."""
+        return min(self.window_ms, self.max_segment_bytes * 1000 // (2 * sample_rate))
+
     def stream_config(self, params: StreamParams) -> StreamConfig:
         """What the streaming core of a session with these parameters works with."""
         settings = self
-        # a segment (with its context) must fit a NATS message: at 48 kHz ~9 s, not 28
-        fits_ms = settings.max_segment_bytes * 1000 // (2 * params.sample_rate)
-        window_ms = min(settings.window_ms, fits_ms)
+        window_ms = settings.window_ms_at(params.sample_rate)
         return StreamConfig(
             vad=VadConfig(
                 mode=settings.vad_mode,
