@@ -55,6 +55,7 @@ from loadtest.device import (
     TIMED_OUT,
     SessionOptions,
     onset_ms,
+    retry_delay_s,
     session_limit_s,
 )
 from loadtest.metrics import percentile
@@ -309,7 +310,7 @@ async def stream_all(
                 out.refusals = refusals + (out.outcome == REFUSED)
                 return out
             refusals += 1
-            await asyncio.sleep(min(max(out.retry_after_s or 0.0, 0.5), 10.0))
+            await asyncio.sleep(retry_delay_s(out.retry_after_s))
 
     return list(await asyncio.gather(*(one(i, e) for i, e in enumerate(entries))))
 

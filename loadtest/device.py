@@ -61,6 +61,12 @@ class FinalTiming:
     audio_ms: int
 
 
+def retry_delay_s(retry_after: float | None) -> float:
+    """How long a device waits before it tries again after a refusal or a failed
+    session: the edge's Retry-After held within 0.5-10 s, 1 s when it named none."""
+    return min(max(retry_after or 1.0, 0.5), 10.0)
+
+
 @dataclass
 class SessionRecord:
     device: int

@@ -33,7 +33,14 @@ import aiohttp
 
 from loadtest import realspeech as rs
 from loadtest.corpus import Item
-from loadtest.device import COMPLETED, FinalTiming, SessionOptions, SessionRecord, run_session
+from loadtest.device import (
+    COMPLETED,
+    FinalTiming,
+    SessionOptions,
+    SessionRecord,
+    retry_delay_s,
+    run_session,
+)
 from loadtest.metrics import percentile
 from loadtest.runner import ready_target, run_command
 from loadtest.target import SpawnedUp, SpawnError
@@ -153,7 +160,7 @@ async def run_phase(
                 if posting is None or posting.done():
                     return
                 if rec.outcome != COMPLETED:  # refused or failed: as a device would, wait
-                    await asyncio.sleep(rec.retry_after or 1.0)
+                    await asyncio.sleep(retry_delay_s(rec.retry_after))
 
         try:
             await asyncio.gather(*(device(i, item) for i, item in enumerate(live)))

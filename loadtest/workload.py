@@ -29,6 +29,7 @@ from loadtest.device import (
     FinalTiming,
     SessionOptions,
     SessionRecord,
+    retry_delay_s,
     run_session,
 )
 from loadtest.metrics import Histograms
@@ -123,7 +124,7 @@ async def run_devices(plan: Plan, device_ids: list[int], clock0: float, sink: Si
             if plan.once or time.monotonic() >= end:
                 return
             if rec.outcome == REFUSED:
-                await asyncio.sleep(min(max(rec.retry_after or 1.0, 0.5), 10.0))
+                await asyncio.sleep(retry_delay_s(rec.retry_after))
             elif rec.outcome != COMPLETED:
                 await asyncio.sleep(1.0)  # failed, timed out, could not connect: do not spin
 
