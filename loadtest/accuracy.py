@@ -756,7 +756,7 @@ async def run(args: argparse.Namespace) -> int:
                             args.concurrency,
                             live,
                             admission_wait_s=args.admission_wait_s,
-                        )  # fmt: skip
+                        )
                     )
             finally:
                 ticker.cancel()

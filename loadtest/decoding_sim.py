@@ -103,9 +103,9 @@ why forced context lost words with base and with 15 s of context; after the fix 
 context only helps, and costs little (the encoder always sees 30 s). Timestamp tokens
 stay off: even with the context closed by its own timestamp they lose words. The edge
 must send up to 25 s of context with context + segment <= 30 s, or the decoder drops
-the whole context (the edge keeps it within 28 s: `WINDOW_MS` below). Silero, endpoint 700 with the fixed budget, the
-prompt and int8 vs float32 with the winner were not measured (the variants exist: SIL,
-E700, PR, GPF). What is left of the gap is mostly what offline gets wrong too ("press
+the whole context (the edge keeps it within 28 s: `WINDOW_MS` below). Silero, endpoint
+700 with the fixed budget, the prompt and int8 vs float32 with the winner were not
+measured (the variants exist: SIL, E700, PR, GPF). What is left of the gap is mostly what offline gets wrong too ("press
 DAR", "say this", "be recorded"), the first utterance of a session (no context: "call
 for reading" for "call forwarding") and word endings at a cut ("too" for "to").
 

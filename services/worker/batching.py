@@ -5,8 +5,9 @@
 steps shared: one encoder call on the stacked 30 s windows, one greedy
 `generate` on all the prompts, then each item's alignment, the per-item retry
 decisions, the wider-beam retries batched (those of equal `max_length`, see
-below), their alignment, and the per-item word gates (voiced spans, Silero). The segments that a forced context silenced are decoded again on their
-own, batched too.
+below), their alignment, and the per-item word gates (voiced spans, Silero).
+The segments that a forced context silenced are decoded again on their own,
+batched too.
 
 Measured on 2 CPU cores (tiny.en int8, loadtest/README.md "Batching"): no step
 is cheaper per item in a batch there, so batching is off by default
