@@ -73,7 +73,12 @@ def wavs(tmp_path_factory: pytest.TempPathFactory, make_test_speech) -> dict[str
 
 @pytest.fixture(scope="module")
 def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
-    running = start_up(tmp_path_factory.mktemp("browser-up"), workers=1, env=LIGHT_WORKER_ENV)
+    # admission by a fixed count, not the measured decode rate: on a slow host that rate
+    # can cap one worker at one session, and the resumed socket then waits out the old one
+    fixed = {"ESCAPEMENT_SESSION_LOAD": "0", "ESCAPEMENT_MAX_SESSIONS_PER_WORKER": "8"}
+    running = start_up(
+        tmp_path_factory.mktemp("browser-up"), workers=1, env={**LIGHT_WORKER_ENV, **fixed}
+    )
     try:
         yield running
     finally:
