@@ -97,12 +97,13 @@ def _encoded(model, request: decoding.DecodeRequest, policy: decoding.DecodePoli
 
     audio, seg_start, _, context_text, duration = decoding._window(request, policy)
     features = model.feature_extractor(audio)
-    return model.encode(pad_or_trim(features)), features.shape[-1] - 1, seg_start, context_text
+    encoded = model.encode(pad_or_trim(features))
+    return encoded, features.shape[-1] - 1, seg_start, context_text, duration
 
 
 def forced_token_cost(model, request, policy, repeats: int = 3) -> dict[int, float]:  # type: ignore[no-untyped-def]
     """Best-of-`repeats` ms of one greedy step after k forced context tokens, per k."""
-    encoder_output, _, seg_start, context_text = _encoded(model, request, policy)
+    encoder_output, _, seg_start, context_text, _ = _encoded(model, request, policy)
     tokenizer = decoding._tokenizer(model, "en")
     context = tokenizer.encode(" " + context_text) if context_text else []
     sot = [*tokenizer.sot_sequence, tokenizer.no_timestamps]
@@ -144,8 +145,9 @@ def draft_check(model, windows, policy) -> dict[str, float]:  # type: ignore[no-
     ms: collections.Counter[str] = collections.Counter()
     tokenizer = decoding._tokenizer(model, "en")
     for request, _ in windows:
-        encoder_output, num_frames, seg_start, context_text = _encoded(model, request, policy)
-        duration = len(request.audio) / decoding.SAMPLE_RATE
+        encoder_output, num_frames, seg_start, context_text, duration = _encoded(
+            model, request, policy
+        )
         prompts = {
             in_prompt: decoding._prompt_tokens(
                 model, tokenizer, request.prompt, context_text, seg_start, policy, in_prompt
